@@ -1,0 +1,140 @@
+using System.IO.Pipelines;
+using System.Net;
+using System.Net.Sockets;
+using System.Runtime.CompilerServices;
+using System.Threading.Tasks.Sources;
+using ISCSISnap.Storage.Buffers;
+
+namespace ISCSISnap.Target.Iscsi.Connections;
+
+/// <summary>
+/// TCP transport: a receive loop fills a pipe straight from the socket (pinned pool blocks, inline scheduling,
+/// so the PDU parser runs on the receiving thread), and sends are vectored sendmsg calls through one reusable
+/// <see cref="SocketAsyncEventArgs"/>. Threading: see <see cref="IIscsiTransport"/>.
+/// </summary>
+public sealed class SocketTransport : IIscsiTransport
+{
+    private readonly Socket _socket;
+    private readonly Pipe _pipe;
+    private readonly Sender _sender = new();
+    private readonly Task _receiving;
+    private int _aborted;
+
+    public SocketTransport(Socket socket, int maxPduSize)
+    {
+        _socket = socket;
+        _socket.NoDelay = true;
+        LocalEndPoint = socket.LocalEndPoint;
+        RemoteEndPoint = socket.RemoteEndPoint;
+        long pause = Math.Max(1 << 20, 2L * maxPduSize);
+        _pipe = new Pipe(new PipeOptions(
+            pool: PinnedBlockMemoryPool.Default,
+            readerScheduler: PipeScheduler.Inline,
+            writerScheduler: PipeScheduler.Inline,
+            pauseWriterThreshold: pause,
+            resumeWriterThreshold: pause / 2,
+            minimumSegmentSize: PinnedBlockMemoryPool.Default.MaxBufferSize,
+            useSynchronizationContext: false));
+        _receiving = ReceiveLoopAsync();
+    }
+
+    public PipeReader Input => _pipe.Reader;
+    public EndPoint? LocalEndPoint { get; }
+    public EndPoint? RemoteEndPoint { get; }
+
+    private async Task ReceiveLoopAsync()
+    {
+        await Task.Yield();
+        var writer = _pipe.Writer;
+        Exception? error = null;
+        try
+        {
+            while (true)
+            {
+                var memory = writer.GetMemory(PinnedBlockMemoryPool.Default.MaxBufferSize / 2);
+                int received = await _socket.ReceiveAsync(memory, SocketFlags.None).ConfigureAwait(false);
+                if (received == 0) break;
+                writer.Advance(received);
+                var flush = await writer.FlushAsync().ConfigureAwait(false);
+                if (flush.IsCompleted || flush.IsCanceled) break;
+            }
+        }
+        catch (SocketException e) when (IsConnectionGone(e.SocketErrorCode)) { }
+        catch (ObjectDisposedException) { }
+        catch (Exception e)
+        {
+            error = e;
+        }
+        await writer.CompleteAsync(error).ConfigureAwait(false);
+    }
+
+    private static bool IsConnectionGone(SocketError error) =>
+        error is SocketError.ConnectionReset or SocketError.ConnectionAborted or SocketError.OperationAborted
+            or SocketError.Shutdown or SocketError.Interrupted or SocketError.TimedOut or SocketError.NetworkReset;
+
+    public ValueTask SendAsync(IList<ArraySegment<byte>> buffers)
+    {
+        if (Volatile.Read(ref _aborted) != 0) return ValueTask.FromException(new IOException("connection aborted"));
+        return _sender.SendAsync(_socket, buffers);
+    }
+
+    public void Abort()
+    {
+        if (Interlocked.Exchange(ref _aborted, 1) != 0) return;
+        try { _socket.Shutdown(SocketShutdown.Both); } catch (SocketException) { } catch (ObjectDisposedException) { }
+        _socket.Close();
+        _pipe.Reader.CancelPendingRead();
+    }
+
+    public async ValueTask DisposeAsync()
+    {
+        Abort();
+        try { await _receiving.ConfigureAwait(false); } catch { /* the loop reports through the pipe */ }
+        _sender.Dispose();
+    }
+
+    /// <summary>A reusable awaitable send: no allocation per send, completes inline when the kernel takes the bytes at once.</summary>
+    private sealed class Sender : SocketAsyncEventArgs, IValueTaskSource
+    {
+        private ManualResetValueTaskSourceCore<bool> _core = new() { RunContinuationsAsynchronously = false };
+
+        public Sender() : base(unsafeSuppressExecutionContextFlow: true) { }
+
+        public ValueTask SendAsync(Socket socket, IList<ArraySegment<byte>> buffers)
+        {
+            _core.Reset();
+            if (buffers.Count == 1)
+            {
+                BufferList = null;
+                SetBuffer(buffers[0].AsMemory());
+            }
+            else
+            {
+                SetBuffer(null, 0, 0);
+                BufferList = buffers;
+            }
+            try
+            {
+                if (socket.SendAsync(this)) return new ValueTask(this, _core.Version);
+            }
+            catch (ObjectDisposedException)
+            {
+                return ValueTask.FromException(new IOException("connection closed"));
+            }
+            return SocketError == SocketError.Success
+                ? ValueTask.CompletedTask
+                : ValueTask.FromException(new IOException($"send failed: {SocketError}"));
+        }
+
+        protected override void OnCompleted(SocketAsyncEventArgs e)
+        {
+            if (SocketError == SocketError.Success) _core.SetResult(true);
+            else _core.SetException(new IOException($"send failed: {SocketError}"));
+        }
+
+        void IValueTaskSource.GetResult(short token) => _core.GetResult(token);
+        ValueTaskSourceStatus IValueTaskSource.GetStatus(short token) => _core.GetStatus(token);
+        void IValueTaskSource.OnCompleted(Action<object?> continuation, object? state, short token, ValueTaskSourceOnCompletedFlags flags) =>
+            _core.OnCompleted(continuation, state, token, flags);
+    }
+}

@@ -1,0 +1,165 @@
+using System.Text.Json;
+using ISCSISnap.Target.Hosting;
+using ISCSISnap.Target.Scsi;
+using ISCSISnap.Web.Appliance;
+using ISCSISnap.Web.Catalog;
+using ISCSISnap.Web.Configuration;
+
+namespace ISCSISnap.Web.Api;
+
+public sealed record ChapUserDto(string UserName);
+public sealed record LunDto(int Lun, long SizeBytes, int BlockSize, string Image, bool Managed, bool ReadOnly, string Naa, string Serial);
+public sealed record TargetDto(string Name, string? Alias, IReadOnlyList<string> AllowedInitiators, ChapUserDto? Chap, ChapUserDto? MutualChap, IReadOnlyList<LunDto> Luns, int Sessions);
+public sealed record CreateTargetRequest(string? Name, string? Alias, List<string>? AllowedInitiators, ChapCredentials? Chap, ChapCredentials? MutualChap);
+public sealed record CreateLunRequest(int? Lun, long? SizeBytes, string? Image, int? BlockSize, bool? ReadOnly);
+public sealed record UpdateLunRequest(long? SizeBytes);
+public sealed record AclDto(List<string>? AllowedInitiators);
+public sealed record ChapRequest(ChapCredentials? Chap, ChapCredentials? MutualChap);
+public sealed record ChapDto(ChapUserDto? Chap, ChapUserDto? MutualChap);
+
+/// <summary>
+/// The management REST API (/api/v1): targets, LUNs, ACLs, CHAP and sessions. JSON in and out; every error is
+/// application/problem+json naming the field at fault.
+/// </summary>
+public static class ManagementApi
+{
+    public static void Map(WebApplication app)
+    {
+        var api = app.MapGroup("/api/v1");
+
+        api.MapGet("/targets", (TargetService targets, IscsiPortal portal) =>
+            Results.Ok(targets.Targets.Select(t => ToDto(t, targets, portal))));
+
+        api.MapPost("/targets", async (HttpRequest request, TargetService targets, IscsiPortal portal) =>
+        {
+            var body = await ReadBodyAsync<CreateTargetRequest>(request);
+            if (string.IsNullOrWhiteSpace(body.Name)) throw ApplianceError.Invalid("name", "name is required");
+            var target = await targets.CreateTargetAsync(body.Name, body.Alias);
+            try
+            {
+                if (body.AllowedInitiators is not null || body.Chap is not null || body.MutualChap is not null)
+                    await targets.SetAccessAsync(target.Name, body.AllowedInitiators, body.Chap, body.MutualChap,
+                        updateAcl: body.AllowedInitiators is not null, updateChap: body.Chap is not null || body.MutualChap is not null);
+            }
+            catch (ApplianceError)
+            {
+                await targets.DeleteTargetAsync(target.Name);   // all or nothing
+                throw;
+            }
+            return Results.Created($"/api/v1/targets/{Uri.EscapeDataString(target.Name)}", ToDto(target, targets, portal));
+        });
+
+        api.MapGet("/targets/{iqn}", (string iqn, TargetService targets, IscsiPortal portal) =>
+            Results.Ok(ToDto(targets.GetTarget(iqn), targets, portal)));
+
+        api.MapDelete("/targets/{iqn}", async (string iqn, TargetService targets) =>
+        {
+            await targets.DeleteTargetAsync(iqn);
+            return Results.NoContent();
+        });
+
+        api.MapGet("/targets/{iqn}/luns", (string iqn, TargetService targets) =>
+        {
+            var target = targets.GetTarget(iqn);
+            return Results.Ok(target.Luns.Select(l => ToDto(l.Key, l.Value, targets.LunRecordOf(target, l.Key))));
+        });
+
+        api.MapPost("/targets/{iqn}/luns", async (string iqn, HttpRequest request, TargetService targets) =>
+        {
+            var body = await ReadBodyAsync<CreateLunRequest>(request);
+            if (body.Lun is not { } lun) throw ApplianceError.Invalid("lun", "lun is required (0-16383)");
+            var (unit, record) = await targets.AddLunAsync(iqn, lun, body.SizeBytes, body.Image, body.BlockSize ?? 512, body.ReadOnly ?? false);
+            var target = targets.GetTarget(iqn);
+            return Results.Created($"/api/v1/targets/{Uri.EscapeDataString(target.Name)}/luns/{lun}", ToDto((ulong)lun, unit, record));
+        });
+
+        api.MapGet("/targets/{iqn}/luns/{lun:int}", (string iqn, int lun, TargetService targets) =>
+        {
+            var target = targets.GetTarget(iqn);
+            var unit = target.GetLun((ulong)lun) ?? throw ApplianceError.NotFound($"no LUN {lun} on {target.Name}");
+            return Results.Ok(ToDto((ulong)lun, unit, targets.LunRecordOf(target, (ulong)lun)));
+        });
+
+        api.MapMethods("/targets/{iqn}/luns/{lun:int}", ["PATCH"], async (string iqn, int lun, HttpRequest request, TargetService targets) =>
+        {
+            var body = await ReadBodyAsync<UpdateLunRequest>(request);
+            if (body.SizeBytes is not { } size) throw ApplianceError.Invalid("sizeBytes", "sizeBytes is required");
+            await targets.GrowLunAsync(iqn, lun, size);
+            var target = targets.GetTarget(iqn);
+            return Results.Ok(ToDto((ulong)lun, target.GetLun((ulong)lun)!, targets.LunRecordOf(target, (ulong)lun)));
+        });
+
+        api.MapDelete("/targets/{iqn}/luns/{lun:int}", async (string iqn, int lun, TargetService targets) =>
+        {
+            await targets.DeleteLunAsync(iqn, lun);
+            return Results.NoContent();
+        });
+
+        api.MapGet("/targets/{iqn}/acl", (string iqn, TargetService targets) =>
+            Results.Ok(new AclDto(targets.GetTarget(iqn).Access.AllowedInitiators.ToList())));
+
+        api.MapPut("/targets/{iqn}/acl", async (string iqn, HttpRequest request, TargetService targets) =>
+        {
+            var body = await ReadBodyAsync<AclDto>(request);
+            if (body.AllowedInitiators is null) throw ApplianceError.Invalid("allowedInitiators", "allowedInitiators is required ([] allows every initiator)");
+            await targets.SetAccessAsync(iqn, body.AllowedInitiators, null, null, updateAcl: true, updateChap: false);
+            return Results.Ok(new AclDto(targets.GetTarget(iqn).Access.AllowedInitiators.ToList()));
+        });
+
+        api.MapGet("/targets/{iqn}/chap", (string iqn, TargetService targets) => Results.Ok(ChapOf(targets.GetTarget(iqn))));
+
+        api.MapPut("/targets/{iqn}/chap", async (string iqn, HttpRequest request, TargetService targets) =>
+        {
+            var body = await ReadBodyAsync<ChapRequest>(request);
+            if (body.Chap is null) throw ApplianceError.Invalid("chap", "chap {userName, secret} is required (DELETE turns CHAP off)");
+            var target = targets.GetTarget(iqn);
+            await targets.SetAccessAsync(iqn, target.Access.AllowedInitiators, body.Chap, body.MutualChap, updateAcl: false, updateChap: true);
+            return Results.Ok(ChapOf(target));
+        });
+
+        api.MapDelete("/targets/{iqn}/chap", async (string iqn, TargetService targets) =>
+        {
+            var target = targets.GetTarget(iqn);
+            await targets.SetAccessAsync(iqn, target.Access.AllowedInitiators, null, null, updateAcl: false, updateChap: true);
+            return Results.NoContent();
+        });
+
+        api.MapGet("/sessions", (IscsiPortal portal) => Results.Ok(portal.GetSessions()));
+    }
+
+    private static ChapDto ChapOf(IscsiTarget target) => new(
+        target.Access.Chap is { } chap ? new ChapUserDto(chap.UserName) : null,
+        target.Access.MutualChap is { } mutual ? new ChapUserDto(mutual.UserName) : null);
+
+    private static TargetDto ToDto(IscsiTarget target, TargetService targets, IscsiPortal portal) => new(
+        target.Name,
+        target.Alias,
+        target.Access.AllowedInitiators.ToList(),
+        target.Access.Chap is { } chap ? new ChapUserDto(chap.UserName) : null,
+        target.Access.MutualChap is { } mutual ? new ChapUserDto(mutual.UserName) : null,
+        target.Luns.Select(l => ToDto(l.Key, l.Value, targets.LunRecordOf(target, l.Key))).ToList(),
+        portal.GetSessions().Count(s => string.Equals(s.TargetName, target.Name, StringComparison.OrdinalIgnoreCase)));
+
+    private static LunDto ToDto(ulong lun, LogicalUnit unit, LunRecord? record) => new(
+        (int)lun, unit.Device.Length, unit.BlockSize, record?.ImagePath ?? "", record?.Managed ?? false,
+        unit.WriteProtected, unit.Identity.NaaHex, unit.Identity.Serial);
+
+    /// <summary>Reads a JSON body; malformed JSON becomes a 400 naming the path at fault.</summary>
+    private static async Task<T> ReadBodyAsync<T>(HttpRequest request) where T : class
+    {
+        if (request.ContentType is null || !request.ContentType.StartsWith("application/json", StringComparison.OrdinalIgnoreCase))
+            throw new ApplianceError(415, "Unsupported media type", "send the body as application/json");
+        try
+        {
+            return await JsonSerializer.DeserializeAsync<T>(request.Body, ConfigurationLoader.Json, request.HttpContext.RequestAborted)
+                ?? throw ApplianceError.Invalid("body", "the body is empty");
+        }
+        catch (JsonException e)
+        {
+            string field = e.Path is { Length: > 2 } path ? path.TrimStart('$', '.') : "body";
+            string message = e.Message;
+            int cut = message.IndexOf(" Path:", StringComparison.Ordinal);
+            throw ApplianceError.Invalid(field, cut > 0 ? message[..cut] : message);
+        }
+    }
+}

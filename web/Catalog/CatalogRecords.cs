@@ -1,0 +1,49 @@
+namespace ISCSISnap.Web.Catalog;
+
+/// <summary>A target as stored in the catalog. CHAP secrets are kept because CHAP needs them in clear; they never leave through the API or logs.</summary>
+public sealed class TargetRecord
+{
+    /// <summary>Lower-case target name (iSCSI names compare case-insensitively).</summary>
+    public string Id { get; set; } = "";
+    public string Name { get; set; } = "";
+    public string? Alias { get; set; }
+    public List<string> AllowedInitiators { get; set; } = [];
+    public string? ChapUserName { get; set; }
+    public string? ChapSecret { get; set; }
+    public string? MutualChapUserName { get; set; }
+    public string? MutualChapSecret { get; set; }
+    public DateTime CreatedAt { get; set; }
+}
+
+/// <summary>A LUN: a target, a number and the image behind it.</summary>
+public sealed class LunRecord
+{
+    /// <summary>"{target id}|{lun}".</summary>
+    public string Id { get; set; } = "";
+    public string TargetId { get; set; } = "";
+    public int Lun { get; set; }
+    public Guid UnitId { get; set; }
+    public string ImagePath { get; set; } = "";
+    /// <summary>True when the appliance created the image (it is deleted with the LUN); false for an image given by path.</summary>
+    public bool Managed { get; set; }
+    public long SizeBytes { get; set; }
+    public int BlockSize { get; set; } = 512;
+    public bool ReadOnly { get; set; }
+    public DateTime CreatedAt { get; set; }
+
+    public static string KeyOf(string targetId, int lun) => $"{targetId}|{lun}";
+}
+
+/// <summary>Persistent reservations of a unit whose initiators set APTPL.</summary>
+public sealed class ReservationRecord
+{
+    public Guid Id { get; set; }
+    public string StateJson { get; set; } = "";
+}
+
+public sealed class CatalogInfo
+{
+    public string Id { get; set; } = "catalog";
+    public int Version { get; set; } = 1;
+    public DateTime CreatedAt { get; set; }
+}
