@@ -71,10 +71,10 @@ public static class CommandTable
             C(0x56, "RESERVE(10)", ReservationClass.LegacyReservation, "56 00 00 00 00 00 00 00 00 00"),
             C(0x57, "RELEASE(10)", ReservationClass.LegacyReservation, "57 00 00 00 00 00 00 00 00 00"),
             C(0x5A, "MODE SENSE(10)", ReservationClass.Read, "5A 18 FF FF 00 00 00 FF FF 00"),
-            S(0x5E, 0x00, "PERSISTENT RESERVE IN / READ KEYS", ReservationClass.Allowed, "5E 1F 00 00 00 00 00 FF FF 00"),
-            S(0x5E, 0x01, "PERSISTENT RESERVE IN / READ RESERVATION", ReservationClass.Allowed, "5E 1F 00 00 00 00 00 FF FF 00"),
-            S(0x5E, 0x02, "PERSISTENT RESERVE IN / REPORT CAPABILITIES", ReservationClass.Allowed, "5E 1F 00 00 00 00 00 FF FF 00"),
-            S(0x5E, 0x03, "PERSISTENT RESERVE IN / READ FULL STATUS", ReservationClass.Allowed, "5E 1F 00 00 00 00 00 FF FF 00"),
+            S(0x5E, 0x00, "PERSISTENT RESERVE IN / READ KEYS", ReservationClass.Allowed, "5E 1F 00 00 00 00 00 FF FF 00", exempt: true),
+            S(0x5E, 0x01, "PERSISTENT RESERVE IN / READ RESERVATION", ReservationClass.Allowed, "5E 1F 00 00 00 00 00 FF FF 00", exempt: true),
+            S(0x5E, 0x02, "PERSISTENT RESERVE IN / REPORT CAPABILITIES", ReservationClass.Allowed, "5E 1F 00 00 00 00 00 FF FF 00", exempt: true),
+            S(0x5E, 0x03, "PERSISTENT RESERVE IN / READ FULL STATUS", ReservationClass.Allowed, "5E 1F 00 00 00 00 00 FF FF 00", exempt: true),
             S(0x5F, 0x00, "PERSISTENT RESERVE OUT / REGISTER", ReservationClass.Allowed, "5F 1F FF 00 00 FF FF FF FF 00"),
             S(0x5F, 0x01, "PERSISTENT RESERVE OUT / RESERVE", ReservationClass.Allowed, "5F 1F FF 00 00 FF FF FF FF 00"),
             S(0x5F, 0x02, "PERSISTENT RESERVE OUT / RELEASE", ReservationClass.Allowed, "5F 1F FF 00 00 FF FF FF FF 00"),
@@ -141,11 +141,11 @@ public static class CommandTable
     private static CommandInfo C(byte opcode, string name, ReservationClass reservation, string usage, bool exempt = false, int timeout = 30) =>
         new(opcode, 0, false, name, Parse(usage), reservation, exempt, 0, timeout);
 
-    private static CommandInfo S(byte opcode, ushort sa, string name, ReservationClass reservation, string usage, int timeout = 30)
+    private static CommandInfo S(byte opcode, ushort sa, string name, ReservationClass reservation, string usage, int timeout = 30, bool exempt = false)
     {
         var bytes = Parse(usage);
         bytes[1] = (byte)((bytes[1] & 0xE0) | sa);
-        return new(opcode, sa, true, name, bytes, reservation, false, 0, timeout);
+        return new(opcode, sa, true, name, bytes, reservation, exempt, 0, timeout);
     }
 
     private static byte[] Parse(string hex) => hex.Split(' ').Select(b => Convert.ToByte(b, 16)).ToArray();

@@ -101,9 +101,10 @@ public sealed partial class LogicalUnit
         try
         {
             IoStatus status;
-            if (zeros)
+            if (unmap || zeros)
             {
-                // With UNMAP the blocks are deallocated (they read back as zeros: LBPRZ=1); without it they stay mapped.
+                // UNMAP=1 deallocates whatever the pattern (SBC-3 §4.7.3.4 lets the device server unmap instead of
+                // writing; LBPRZ=1 makes the blocks read back as zeros). Zeros without UNMAP stay mapped.
                 status = await Device.WriteZeroesAsync(start, length, deallocate: unmap, flags).ConfigureAwait(false);
             }
             else

@@ -321,14 +321,17 @@ internal sealed partial class IscsiConnection
 
     private ValueTask DataPhaseViolation(IscsiTask task, in Bhs header, string reason)
     {
-        // ErrorRecoveryLevel 0 cannot recover a broken data sequence: reject, then drop the connection.
+        // The data sequence of this task is broken (DataSN, offset, tag or burst length). Reject the PDU, which
+        // tells the initiator the command failed, and drop the task without a response; the connection and the
+        // other tasks carry on. Later Data-Out for the task finds no task and is discarded.
         Log.ProtocolViolation(_log, Remote, reason);
         _portal.Metrics.ProtocolError("data-sequence");
-        var reject = BuildReject(header, RejectReason.ProtocolError);
-        reject.AfterSend = static (c, _) => c.Abort();
-        task.Aborted = true;
-        Enqueue(reject);
-        _state = ConnectionState.Closing;
+        SendReject(header, RejectReason.ProtocolError);
+        if (Interlocked.CompareExchange(ref task.Claim, 1, 0) == 0)
+        {
+            task.Aborted = true;
+            task.Session.ReleaseTask(task);
+        }
         return default;
     }
 

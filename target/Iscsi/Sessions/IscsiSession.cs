@@ -163,8 +163,6 @@ internal sealed class IscsiSession
     /// <summary>Returns a slot to the pool; a non-immediate command also opens the CmdSN window by one.</summary>
     public void ReleaseTask(IscsiTask task)
     {
-        task.Unit?.Release(task.Command);
-        task.Command.ReleaseBuffer();
         bool immediate;
         lock (_taskLock)
         {
@@ -173,8 +171,11 @@ internal sealed class IscsiSession
             _byItt.Remove(task.Itt);
             immediate = task.Immediate;
             if (immediate) _immediateInFlight--;
-            _free.Push(task);
         }
+        // Gates and buffers go back before the slot can be reused.
+        task.Unit?.Release(task.Command);
+        task.Command.ReleaseBuffer();
+        lock (_taskLock) _free.Push(task);
         if (!immediate) AdvanceWindow();
     }
 
