@@ -60,7 +60,7 @@ public sealed class IscsiPortalOptions
 
     public static IPEndPoint? ParseEndPoint(string text)
     {
-        if (IPEndPoint.TryParse(text, out var endPoint) && endPoint.Port != 0) return endPoint;
+        if (IPEndPoint.TryParse(text, out var endPoint)) return endPoint;   // port 0: any free port (tests)
         return null;
     }
 
@@ -68,7 +68,7 @@ public sealed class IscsiPortalOptions
     public List<string> Validate(string prefix = "iscsi")
     {
         var errors = new List<string>();
-        if (ParseEndPoint(Portal) is null) errors.Add($"{prefix}.portal '{Portal}' is not HOST:PORT with a numeric address and a non-zero port");
+        if (ParseEndPoint(Portal) is null) errors.Add($"{prefix}.portal '{Portal}' is not HOST:PORT with a numeric address");
         if (PortalGroupTag == 0) errors.Add($"{prefix}.portalGroupTag must be 1-65535");
         CheckRange(errors, $"{prefix}.maxRecvDataSegmentLength", MaxRecvDataSegmentLength, 512, 16777215);
         CheckRange(errors, $"{prefix}.maxBurstLength", MaxBurstLength, 512, 16777215);
