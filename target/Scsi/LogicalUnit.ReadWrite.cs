@@ -52,11 +52,6 @@ public sealed partial class LogicalUnit
             command.StreamedBytes += data.Length;
             return;
         }
-        if (!command.HoldsWriteGate)
-        {
-            if (!_writeGate.TryEnterShared()) await _writeGate.EnterSharedAsync().ConfigureAwait(false);
-            command.HoldsWriteGate = true;
-        }
         long start = (long)ReadLba(command.Cdb) << BlockShift;
 
         if (command.CarryLength > 0)
@@ -70,7 +65,7 @@ public sealed partial class LogicalUnit
             if (command.CarryLength == BlockSize)
             {
                 long blockStart = start + command.StreamedBytes - BlockSize;
-                var status = await Device.WriteAsync(blockStart, new ReadOnlySequence<byte>(carry, 0, BlockSize), WriteFlags.None).ConfigureAwait(false);
+                var status = await GatedWriteAsync(blockStart, new ReadOnlySequence<byte>(carry, 0, BlockSize)).ConfigureAwait(false);
                 command.CarryLength = 0;
                 if (status != IoStatus.Ok)
                 {
@@ -84,7 +79,7 @@ public sealed partial class LogicalUnit
         long whole = data.Length & ~(long)(BlockSize - 1);
         if (whole > 0)
         {
-            var status = await Device.WriteAsync(start + command.StreamedBytes, data.Slice(0, whole), WriteFlags.None).ConfigureAwait(false);
+            var status = await GatedWriteAsync(start + command.StreamedBytes, data.Slice(0, whole)).ConfigureAwait(false);
             command.StreamedBytes += whole;
             data = data.Slice(whole);
             if (status != IoStatus.Ok)
@@ -106,6 +101,50 @@ public sealed partial class LogicalUnit
             data.CopyTo(command.Buffer);
             command.CarryLength = (int)data.Length;
             command.StreamedBytes += data.Length;
+        }
+    }
+
+    /// <summary>
+    /// A device write inside the shared side of the write gate. The gate is held only for the device call, never
+    /// while waiting for the network, so an atomic operation (COMPARE AND WRITE) never waits on an initiator.
+    /// </summary>
+    private ValueTask<IoStatus> GatedWriteAsync(long offset, ReadOnlySequence<byte> data)
+    {
+        if (!_writeGate.TryEnterShared()) return SlowGatedWriteAsync(offset, data);
+        ValueTask<IoStatus> write;
+        try
+        {
+            write = Device.WriteAsync(offset, data, WriteFlags.None);
+        }
+        catch
+        {
+            _writeGate.ExitShared();
+            throw;
+        }
+        if (write.IsCompleted)
+        {
+            _writeGate.ExitShared();
+            return write;
+        }
+        return ExitAfter(write);
+
+        async ValueTask<IoStatus> ExitAfter(ValueTask<IoStatus> pending)
+        {
+            try { return await pending.ConfigureAwait(false); }
+            finally { _writeGate.ExitShared(); }
+        }
+    }
+
+    private async ValueTask<IoStatus> SlowGatedWriteAsync(long offset, ReadOnlySequence<byte> data)
+    {
+        await _writeGate.EnterSharedAsync().ConfigureAwait(false);
+        try
+        {
+            return await Device.WriteAsync(offset, data, WriteFlags.None).ConfigureAwait(false);
+        }
+        finally
+        {
+            _writeGate.ExitShared();
         }
     }
 

@@ -149,11 +149,6 @@ public sealed partial class LogicalUnit : IAsyncDisposable
             command.HoldsTaskSet = false;
             _taskSet.ExitShared();
         }
-        if (command.HoldsWriteGate)
-        {
-            command.HoldsWriteGate = false;
-            _writeGate.ExitShared();
-        }
     }
 
     private ValueTask Dispatch(ScsiCommand command)

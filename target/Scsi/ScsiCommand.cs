@@ -60,7 +60,6 @@ public sealed class ScsiCommand
     internal int CarryLength;
     internal SenseCode? DeferredError;
     internal LogicalUnit? Unit;
-    internal bool HoldsWriteGate;
     internal bool HoldsTaskSet;
 
     public void SetCdb(ReadOnlySpan<byte> cdb)
@@ -89,7 +88,6 @@ public sealed class ScsiCommand
         DataOutReceived = 0;
         DeferredError = null;
         Unit = null;
-        HoldsWriteGate = false;
         HoldsTaskSet = false;
     }
 

@@ -69,8 +69,17 @@ internal sealed partial class IscsiConnection
         {
             var unit = lunValid ? session.Target!.GetLun(command.Lun) : null;
             task.Unit = unit;
-            if (unit is null) MissingLogicalUnit.Handle(command, session.Target!);
-            else unit.Begin(command);
+            try
+            {
+                if (unit is null) MissingLogicalUnit.Handle(command, session.Target!);
+                else unit.Begin(command);
+            }
+            catch (Exception e) when (e is not OutOfMemoryException)
+            {
+                // A fault in one command ends that command, never the connection.
+                Log.CommandFailed(_log, e, Remote, command.Opcode);
+                command.CompleteCheckCondition(SenseCode.InternalTargetFailure, unit?.DescriptorSense ?? false);
+            }
         }
 
         if (!command.TransportWrite)
@@ -168,7 +177,9 @@ internal sealed partial class IscsiConnection
     /// <summary>After some Data-Out arrived: solicit more, or run the command once everything is in.</summary>
     private ValueTask AfterDataAsync(IscsiTask task)
     {
-        IssueR2Ts(task);
+        // Solicit only after the unsolicited burst is in: sequences then arrive in offset order even from
+        // initiators that answer an R2T as soon as it arrives.
+        if (!task.AwaitingUnsolicited) IssueR2Ts(task);
         if (task.DataOutComplete) return ExecuteAsync(task, kick: false);
         task.Phase = TaskPhase.ReceivingData;
         return default;
@@ -347,7 +358,15 @@ internal sealed partial class IscsiConnection
             OnExecuted(task, kick);
             return default;
         }
-        var running = task.Unit.ExecuteAsync(command);
+        ValueTask running;
+        try
+        {
+            running = task.Unit.ExecuteAsync(command);
+        }
+        catch (Exception e) when (e is not OutOfMemoryException)
+        {
+            running = ValueTask.FromException(e);
+        }
         if (running.IsCompletedSuccessfully)
         {
             OnExecuted(task, kick);

@@ -285,10 +285,14 @@ internal sealed partial class IscsiConnection
         }
         catch (Exception e)
         {
-            foreach (var item in batch.Finished) item.OnSent(this, false);
             Log.SendFailed(_log, Remote, e.Message);
-            Volatile.Write(ref _senderActive, 0);
             Abort();
+            // Nothing more will be sent: release everything queued (task slots, buffers) before letting go.
+            foreach (var item in batch.Finished) item.OnSent(this, false);
+            if (_partial is { } partial) { _partial = null; partial.OnSent(this, false); }
+            while (_outbound.TryDequeue(out var item)) item.OnSent(this, false);
+            Volatile.Write(ref _senderActive, 0);
+            while (_outbound.TryDequeue(out var late)) late.OnSent(this, false);
         }
     }
 

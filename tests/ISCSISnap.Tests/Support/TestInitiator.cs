@@ -277,6 +277,8 @@ public sealed class TestInitiator : IAsyncDisposable
         public byte[] DataIn = [];
         public int DataInLength;
         public byte[] Sense = [];
+        /// <summary>Data-Out of one command goes out in offset order: each burst waits for the one before.</summary>
+        public Task Sending = Task.CompletedTask;
     }
 
     /// <summary>Runs a SCSI command: immediate data and unsolicited Data-Out as negotiated, R2Ts answered, Data-In gathered.</summary>
@@ -290,6 +292,8 @@ public sealed class TestInitiator : IAsyncDisposable
             Completion = new TaskCompletionSource<ScsiResult>(TaskCreationOptions.RunContinuationsAsynchronously),
             DataIn = new byte[Math.Max(expectedDataIn, 0)],
         };
+        var unsolicitedSent = new TaskCompletionSource(TaskCreationOptions.RunContinuationsAsynchronously);
+        pending.Sending = unsolicitedSent.Task;
         _pending[itt] = pending;
         uint expected = expectedLengthOverride ?? (uint)(dataOut?.Length ?? expectedDataIn);
         int immediateLength = 0;
@@ -305,18 +309,52 @@ public sealed class TestInitiator : IAsyncDisposable
         BinaryPrimitives.WriteUInt64BigEndian(header.AsSpan(8), EncodeLun(lun));
         BinaryPrimitives.WriteUInt32BigEndian(header.AsSpan(16), itt);
         BinaryPrimitives.WriteUInt32BigEndian(header.AsSpan(20), expected);
-        BinaryPrimitives.WriteUInt32BigEndian(header.AsSpan(24), immediate ? _cmdSN : _cmdSN++);
-        BinaryPrimitives.WriteUInt32BigEndian(header.AsSpan(28), _expStatSN);
         cdb.AsSpan(0, Math.Min(16, cdb.Length)).CopyTo(header.AsSpan(32));
-        await SendAsync(header, write ? dataOut.AsMemory(0, immediateLength) : default, cancellationToken);
+        await SendCommandAsync(header, write ? dataOut.AsMemory(0, immediateLength) : default, immediate, cancellationToken);
 
-        if (unsolicited)
+        try
         {
-            int end = (int)Math.Min(Math.Min(expected, (uint)NegotiatedInt("FirstBurstLength", 65536)), (uint)dataOut!.Length);
-            await SendDataOutAsync(itt, lun, 0xFFFFFFFF, dataOut, immediateLength, end - immediateLength, cancellationToken);
+            if (unsolicited)
+            {
+                int end = (int)Math.Min(Math.Min(expected, (uint)NegotiatedInt("FirstBurstLength", 65536)), (uint)dataOut!.Length);
+                await SendDataOutAsync(itt, lun, 0xFFFFFFFF, dataOut, immediateLength, end - immediateLength, cancellationToken);
+            }
+        }
+        finally
+        {
+            unsolicitedSent.TrySetResult();
         }
         using var registration = cancellationToken.Register(() => pending.Completion.TrySetCanceled());
         return await pending.Completion.Task;
+    }
+
+    /// <summary>
+    /// Numbers and sends a command under the send lock, so CmdSN order is wire order, and only once the
+    /// target's window (MaxCmdSN) admits it, as RFC 7143 asks of initiators.
+    /// </summary>
+    private async Task SendCommandAsync(byte[] header, ReadOnlyMemory<byte> data, bool immediate, CancellationToken cancellationToken)
+    {
+        while (true)
+        {
+            await _sendLock.WaitAsync(cancellationToken);
+            if (immediate || (int)(_cmdSN - MaxCmdSN) <= 0 || Closed)
+            {
+                try
+                {
+                    BinaryPrimitives.WriteUInt32BigEndian(header.AsSpan(24), immediate ? _cmdSN : _cmdSN++);
+                    BinaryPrimitives.WriteUInt32BigEndian(header.AsSpan(28), _expStatSN);
+                    WriteLocked(header, data);
+                    await _output.FlushAsync(cancellationToken);
+                    return;
+                }
+                finally
+                {
+                    _sendLock.Release();
+                }
+            }
+            _sendLock.Release();
+            await Task.Delay(1, cancellationToken);
+        }
     }
 
     private async Task SendDataOutAsync(uint itt, ulong lun, uint ttt, byte[] data, int offset, int length, CancellationToken cancellationToken)
@@ -387,9 +425,7 @@ public sealed class TestInitiator : IAsyncDisposable
         header[1] = 0x80;
         BinaryPrimitives.WriteUInt32BigEndian(header.AsSpan(16), itt);
         BinaryPrimitives.WriteUInt32BigEndian(header.AsSpan(20), 0xFFFFFFFF);
-        BinaryPrimitives.WriteUInt32BigEndian(header.AsSpan(24), immediate ? _cmdSN : _cmdSN++);
-        BinaryPrimitives.WriteUInt32BigEndian(header.AsSpan(28), _expStatSN);
-        await SendAsync(header, data);
+        await SendCommandAsync(header, data, immediate, CancellationToken.None);
         return (await completion.Task).DataIn;
     }
 
@@ -487,9 +523,21 @@ public sealed class TestInitiator : IAsyncDisposable
 
     public async Task SendAsync(byte[] header, ReadOnlyMemory<byte> data, CancellationToken cancellationToken = default)
     {
-        HeaderLength(header, data.Length);
         await _sendLock.WaitAsync(cancellationToken);
         try
+        {
+            WriteLocked(header, data);
+            await _output.FlushAsync(cancellationToken);
+        }
+        finally
+        {
+            _sendLock.Release();
+        }
+    }
+
+    private void WriteLocked(byte[] header, ReadOnlyMemory<byte> data)
+    {
+        HeaderLength(header, data.Length);
         {
             _output.Write(header);
             if (_headerDigest)
@@ -514,11 +562,6 @@ public sealed class TestInitiator : IAsyncDisposable
                     _output.Write(digest);
                 }
             }
-            await _output.FlushAsync(cancellationToken);
-        }
-        finally
-        {
-            _sendLock.Release();
         }
     }
 
@@ -648,7 +691,9 @@ public sealed class TestInitiator : IAsyncDisposable
                 int offset = (int)BinaryPrimitives.ReadUInt32BigEndian(h.AsSpan(40));
                 int length = (int)BinaryPrimitives.ReadUInt32BigEndian(h.AsSpan(44));
                 length = Math.Min(length, pending.DataOut.Length - offset);
-                _ = SendDataOutAsync(itt, pending.Lun, ttt, pending.DataOut, offset, length, CancellationToken.None);
+                var previous = pending.Sending;
+                pending.Sending = previous.ContinueWith(_ => SendDataOutAsync(itt, pending.Lun, ttt, pending.DataOut, offset, length, CancellationToken.None),
+                    TaskScheduler.Default).Unwrap();
                 break;
             }
             case 0x22:   // TMF response
