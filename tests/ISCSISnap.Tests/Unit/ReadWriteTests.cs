@@ -26,13 +26,33 @@ public sealed class ReadWriteTests
     }
 
     [Fact]
+    public async Task A_unit_with_4096_byte_blocks_addresses_whole_4096_byte_blocks()
+    {
+        await using var lu = LuHarness.Create(bytes: 4L << 20, blockSize: 4096);
+        var nexus = await lu.ReadyNexusAsync(Initiator);
+        Assert.Equal(1024, lu.BlockCount);
+        var data = LuHarness.Pattern(2 * 4096, 16);
+        await lu.WriteAsync(nexus, 1022, data);
+        Assert.Equal(data, await lu.ReadAsync(nexus, 1022, 2));
+        Assert.Equal(data, File.ReadAllBytes(lu.ImagePath)[(1022 * 4096)..]);
+        (await lu.RunAsync(nexus, Cdb.Read16(1023, 2))).AssertSense(SenseCode.LbaOutOfRange);
+
+        var capacity = await lu.RunAsync(nexus, Cdb.ReadCapacity16());
+        capacity.AssertGood();
+        Assert.Equal(1023ul, BinaryPrimitives.ReadUInt64BigEndian(capacity.DataIn));          // last LBA
+        Assert.Equal(4096u, BinaryPrimitives.ReadUInt32BigEndian(capacity.DataIn.AsSpan(8)));  // block length
+    }
+
+    [Fact]
     public async Task Reading_or_writing_past_the_last_block_is_lba_out_of_range()
     {
         await using var lu = LuHarness.Create();
         var nexus = await lu.ReadyNexusAsync(Initiator);
         uint last = (uint)lu.BlockCount - 1;
         (await lu.RunAsync(nexus, Cdb.Read10(last, 2))).AssertSense(SenseKey.IllegalRequest, 0x21, 0x00);
-        (await lu.RunAsync(nexus, Cdb.Write10(last, 2), new byte[1024])).AssertSense(SenseKey.IllegalRequest, 0x21, 0x00);
+        var write = await lu.RunAsync(nexus, Cdb.Write10(last, 2), new byte[1024]);
+        write.AssertSense(SenseKey.IllegalRequest, 0x21, 0x00);
+        Assert.True(write.CompletedInBegin);
         (await lu.RunAsync(nexus, Cdb.Read10(last + 1, 1))).AssertSense(SenseKey.IllegalRequest, 0x21, 0x00);
         (await lu.RunAsync(nexus, Cdb.Read10(last, 1))).AssertGood();
     }
@@ -72,6 +92,7 @@ public sealed class ReadWriteTests
         (await lu.RunAsync(nexus, Cdb.Read16(lba, blocks))).AssertSense(SenseCode.LbaOutOfRange);
         var write = await lu.RunAsync(nexus, Cdb.Write16(lba, blocks), new byte[512]);
         write.AssertSense(SenseCode.LbaOutOfRange);
+        Assert.True(write.CompletedInBegin, "the range was not checked before asking for Data-Out");
         Assert.Equal(0, lu.Device.AllocatedBytes);   // nothing reached the medium
     }
 
@@ -107,6 +128,7 @@ public sealed class ReadWriteTests
 
         var write = await lu.RunAsync(nexus, Cdb.Write10(0, 129), new byte[129 * 512]);
         write.AssertSense(SenseCode.InvalidFieldInCdb);
+        Assert.True(write.CompletedInBegin);
         Assert.Equal(0, lu.Device.AllocatedBytes);
 
         var maximum = await lu.RunAsync(nexus, Cdb.Read10(0, 128));

@@ -47,7 +47,7 @@ internal static class Sequences
 }
 
 /// <summary>What a command ended with: status, sense bytes and Data-In, copied out before the command is recycled.</summary>
-internal sealed record ScsiResult(ScsiStatus Status, byte[] Sense, byte[] DataIn)
+internal sealed record ScsiResult(ScsiStatus Status, byte[] Sense, byte[] DataIn, bool CompletedInBegin = false)
 {
     public bool Good => Status == ScsiStatus.Good;
     public bool DescriptorFormat => Sense.Length > 0 && (Sense[0] & 0x7F) is 0x72 or 0x73;
@@ -143,6 +143,7 @@ internal sealed class LuHarness : IAsyncDisposable
         try
         {
             Unit.Begin(command);
+            bool completedInBegin = command.Completed;   // refused before any Data-Out would be requested
             if (!command.Completed)
             {
                 if (command.DataOutMode == DataOutMode.Buffered)
@@ -169,7 +170,7 @@ internal sealed class LuHarness : IAsyncDisposable
             }
             Assert.True(command.Completed, "the logical unit did not complete the command");
             var dataIn = command.Buffer is { } buffer && command.DataInLength > 0 ? buffer.AsSpan(0, command.DataInLength).ToArray() : [];
-            return new ScsiResult(command.Status, command.Sense.ToArray(), dataIn);
+            return new ScsiResult(command.Status, command.Sense.ToArray(), dataIn, completedInBegin);
         }
         finally
         {
