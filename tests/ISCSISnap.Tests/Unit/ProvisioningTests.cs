@@ -103,11 +103,19 @@ public sealed class ProvisioningTests
     }
 
     [Fact]
-    public async Task Unmap_with_no_parameter_list_is_good()
+    public async Task Unmap_with_no_parameter_list_no_descriptors_or_zero_blocks_is_good()
     {
         await using var lu = LuHarness.Create();
         var nexus = await lu.ReadyNexusAsync(Initiator);
+        var data = LuHarness.Pattern(4096, 10);
+        await lu.WriteAsync(nexus, 0, data);
         (await lu.RunAsync(nexus, ScsiCdb.Unmap(0))).AssertGood();
+        var none = ScsiCdb.UnmapParameters();
+        (await lu.RunAsync(nexus, ScsiCdb.Unmap(none.Length), none)).AssertGood();
+        // Zero blocks: nothing is unmapped, not even at the first LBA past the end (SBC-3: not an error).
+        var zero = ScsiCdb.UnmapParameters((0, 0), ((ulong)lu.BlockCount, 0));
+        (await lu.RunAsync(nexus, ScsiCdb.Unmap(zero.Length), zero)).AssertGood();
+        Assert.Equal(data, await lu.ReadAsync(nexus, 0, 8));
     }
 
     [Fact]
