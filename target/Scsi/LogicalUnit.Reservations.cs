@@ -36,6 +36,10 @@ public sealed partial class LogicalUnit
     private PersistentReservationType _prType;
     private bool _aptpl;
     private volatile bool _reservationsActive;
+    /// <summary>PERSISTENT RESERVE OUT runs one at a time, so a failed APTPL save can be rolled back exactly.</summary>
+    private readonly SemaphoreSlim _reservationOut = new(1, 1);
+    /// <summary>Unit attentions a PERSISTENT RESERVE OUT establishes, raised only once its change is durable.</summary>
+    private List<(string NexusKey, SenseCode Code)>? _deferredAttentions;
 
     /// <summary>Aborts the tasks of the given nexuses on this unit (PREEMPT AND ABORT); set by the transport.</summary>
     public Func<LogicalUnit, IReadOnlyCollection<string>, Task>? AbortTasksOfNexuses { get; set; }
@@ -236,6 +240,19 @@ public sealed partial class LogicalUnit
             Fail(command, SenseCode.ParameterListLengthError);
             return;
         }
+        await _reservationOut.WaitAsync().ConfigureAwait(false);
+        try
+        {
+            await ReserveOutSerializedAsync(command, action, scope, type, length).ConfigureAwait(false);
+        }
+        finally
+        {
+            _reservationOut.Release();
+        }
+    }
+
+    private async ValueTask ReserveOutSerializedAsync(ScsiCommand command, int action, int scope, PersistentReservationType type, int length)
+    {
         var data = command.Buffer.AsSpan(0, length);
         ulong key = BinaryPrimitives.ReadUInt64BigEndian(data);
         ulong serviceActionKey = BinaryPrimitives.ReadUInt64BigEndian(data.Slice(8));
@@ -243,166 +260,177 @@ public sealed partial class LogicalUnit
         HashSet<string>? abort = null;
         bool persist = false;
         PersistedReservations? snapshot = null;
+        ReservationState before;
+        var attentions = new List<(string NexusKey, SenseCode Code)>();
 
         lock (_stateLock)
         {
-            if (action != 0x07)
+            before = CaptureReservations();
+            _deferredAttentions = attentions;
+            try
             {
-                byte flags = data[20];
-                if ((flags & 0x08) != 0)
+                if (action != 0x07)
                 {
-                    FailParameter(command, 20);    // SPEC_I_PT is not supported (SIP_C=0)
-                    return;
+                    byte flags = data[20];
+                    if ((flags & 0x08) != 0)
+                    {
+                        FailParameter(command, 20);    // SPEC_I_PT is not supported (SIP_C=0)
+                        return;
+                    }
+                    if ((flags & 0x01) != 0 && action is not (0x00 or 0x06))
+                    {
+                        FailParameter(command, 20);    // APTPL only with a registration
+                        return;
+                    }
                 }
-                if ((flags & 0x01) != 0 && action is not (0x00 or 0x06))
-                {
-                    FailParameter(command, 20);    // APTPL only with a registration
-                    return;
-                }
-            }
-            _registrations.TryGetValue(nexus.Key, out var own);
+                _registrations.TryGetValue(nexus.Key, out var own);
 
-            switch (action)
-            {
-                case 0x00:   // REGISTER
-                case 0x06:   // REGISTER AND IGNORE EXISTING KEY
+                switch (action)
                 {
-                    if (action == 0x00 && (own is null ? key != 0 : key != own.Key))
+                    case 0x00:   // REGISTER
+                    case 0x06:   // REGISTER AND IGNORE EXISTING KEY
                     {
-                        command.Complete(ScsiStatus.ReservationConflict);
-                        return;
-                    }
-                    if (own is null && serviceActionKey == 0)
-                    {
-                        command.CompleteGood();
-                        return;
-                    }
-                    if (serviceActionKey == 0) Unregister(own!);
-                    else if (own is not null) own.Key = serviceActionKey;
-                    else
-                    {
-                        _registrations[nexus.Key] = new Registration
+                        if (action == 0x00 && (own is null ? key != 0 : key != own.Key))
                         {
-                            NexusKey = nexus.Key,
-                            InitiatorPortName = nexus.InitiatorPortName,
-                            TargetPortName = nexus.TargetPortName,
-                            InitiatorName = nexus.InitiatorName,
-                            Isid = nexus.Isid,
-                            RelativeTargetPortId = nexus.RelativeTargetPortId,
-                            Key = serviceActionKey,
-                        };
+                            command.Complete(ScsiStatus.ReservationConflict);
+                            return;
+                        }
+                        if (own is null && serviceActionKey == 0)
+                        {
+                            command.CompleteGood();
+                            return;
+                        }
+                        if (serviceActionKey == 0) Unregister(own!);
+                        else if (own is not null) own.Key = serviceActionKey;
+                        else
+                        {
+                            _registrations[nexus.Key] = new Registration
+                            {
+                                NexusKey = nexus.Key,
+                                InitiatorPortName = nexus.InitiatorPortName,
+                                TargetPortName = nexus.TargetPortName,
+                                InitiatorName = nexus.InitiatorName,
+                                Isid = nexus.Isid,
+                                RelativeTargetPortId = nexus.RelativeTargetPortId,
+                                Key = serviceActionKey,
+                            };
+                        }
+                        _aptpl = (data[20] & 0x01) != 0;
+                        _prGeneration++;
+                        persist = true;
+                        break;
                     }
-                    _aptpl = (data[20] & 0x01) != 0;
-                    _prGeneration++;
-                    persist = true;
-                    break;
-                }
-                case 0x01:   // RESERVE
-                {
-                    if (own is null || own.Key != key)
+                    case 0x01:   // RESERVE
                     {
-                        command.Complete(ScsiStatus.ReservationConflict);
-                        return;
+                        if (own is null || own.Key != key)
+                        {
+                            command.Complete(ScsiStatus.ReservationConflict);
+                            return;
+                        }
+                        if (scope != 0 || !ValidType(type))
+                        {
+                            FailField(command, 2);
+                            return;
+                        }
+                        if (_prType != PersistentReservationType.None)
+                        {
+                            if (!IsPersistentHolder(nexus.Key) || _prType != type) command.Complete(ScsiStatus.ReservationConflict);
+                            else command.CompleteGood();
+                            return;
+                        }
+                        _prType = type;
+                        _prHolder = AllRegistrants(type) ? null : nexus.Key;
+                        persist = true;
+                        break;
                     }
-                    if (scope != 0 || !ValidType(type))
+                    case 0x02:   // RELEASE
                     {
-                        FailField(command, 2);
-                        return;
+                        if (own is null || own.Key != key)
+                        {
+                            command.Complete(ScsiStatus.ReservationConflict);
+                            return;
+                        }
+                        if (_prType == PersistentReservationType.None || !IsPersistentHolder(nexus.Key))
+                        {
+                            command.CompleteGood();
+                            return;
+                        }
+                        if (scope != 0 || type != _prType)
+                        {
+                            Fail(command, SenseCode.InvalidReleaseOfPersistentReservation);
+                            return;
+                        }
+                        var released = _prType;
+                        ReleasePersistentReservation();
+                        if (released is not (PersistentReservationType.WriteExclusive or PersistentReservationType.ExclusiveAccess))
+                            foreach (var other in _registrations.Keys.Where(k => k != nexus.Key))
+                                DeferAttention(other, SenseCode.ReservationsReleased);
+                        persist = true;
+                        break;
                     }
-                    if (_prType != PersistentReservationType.None)
+                    case 0x03:   // CLEAR
                     {
-                        if (!IsPersistentHolder(nexus.Key) || _prType != type) command.Complete(ScsiStatus.ReservationConflict);
-                        else command.CompleteGood();
-                        return;
-                    }
-                    _prType = type;
-                    _prHolder = AllRegistrants(type) ? null : nexus.Key;
-                    persist = true;
-                    break;
-                }
-                case 0x02:   // RELEASE
-                {
-                    if (own is null || own.Key != key)
-                    {
-                        command.Complete(ScsiStatus.ReservationConflict);
-                        return;
-                    }
-                    if (_prType == PersistentReservationType.None || !IsPersistentHolder(nexus.Key))
-                    {
-                        command.CompleteGood();
-                        return;
-                    }
-                    if (scope != 0 || type != _prType)
-                    {
-                        Fail(command, SenseCode.InvalidReleaseOfPersistentReservation);
-                        return;
-                    }
-                    var released = _prType;
-                    ReleasePersistentReservation();
-                    if (released is not (PersistentReservationType.WriteExclusive or PersistentReservationType.ExclusiveAccess))
+                        if (own is null || own.Key != key)
+                        {
+                            command.Complete(ScsiStatus.ReservationConflict);
+                            return;
+                        }
                         foreach (var other in _registrations.Keys.Where(k => k != nexus.Key))
-                            RaiseUnitAttention(other, SenseCode.ReservationsReleased);
-                    persist = true;
-                    break;
+                            DeferAttention(other, SenseCode.ReservationsPreempted);
+                        _registrations.Clear();
+                        ReleasePersistentReservation();
+                        _prGeneration++;
+                        persist = true;
+                        break;
+                    }
+                    case 0x04:   // PREEMPT
+                    case 0x05:   // PREEMPT AND ABORT
+                    {
+                        if (own is null || own.Key != key)
+                        {
+                            command.Complete(ScsiStatus.ReservationConflict);
+                            return;
+                        }
+                        var outcome = Preempt(nexus.Key, serviceActionKey, scope, type, out var preempted);
+                        if (outcome == PreemptOutcome.InvalidParameter)
+                        {
+                            FailParameter(command, 8);
+                            return;
+                        }
+                        if (outcome == PreemptOutcome.InvalidType)
+                        {
+                            FailField(command, 2);
+                            return;
+                        }
+                        if (outcome == PreemptOutcome.Conflict)
+                        {
+                            command.Complete(ScsiStatus.ReservationConflict);
+                            return;
+                        }
+                        if (action == 0x05 && preempted.Count > 0) abort = preempted;
+                        persist = true;
+                        break;
+                    }
+                    case 0x07:   // REGISTER AND MOVE
+                    {
+                        if (!RegisterAndMove(command, own, key, serviceActionKey, scope, type, data)) return;
+                        persist = true;
+                        break;
+                    }
+                    default:
+                        FailField(command, 1);
+                        return;
                 }
-                case 0x03:   // CLEAR
-                {
-                    if (own is null || own.Key != key)
-                    {
-                        command.Complete(ScsiStatus.ReservationConflict);
-                        return;
-                    }
-                    foreach (var other in _registrations.Keys.Where(k => k != nexus.Key))
-                        RaiseUnitAttention(other, SenseCode.ReservationsPreempted);
-                    _registrations.Clear();
-                    ReleasePersistentReservation();
-                    _prGeneration++;
-                    persist = true;
-                    break;
-                }
-                case 0x04:   // PREEMPT
-                case 0x05:   // PREEMPT AND ABORT
-                {
-                    if (own is null || own.Key != key)
-                    {
-                        command.Complete(ScsiStatus.ReservationConflict);
-                        return;
-                    }
-                    var outcome = Preempt(nexus.Key, serviceActionKey, scope, type, out var preempted);
-                    if (outcome == PreemptOutcome.InvalidParameter)
-                    {
-                        FailParameter(command, 8);
-                        return;
-                    }
-                    if (outcome == PreemptOutcome.InvalidType)
-                    {
-                        FailField(command, 2);
-                        return;
-                    }
-                    if (outcome == PreemptOutcome.Conflict)
-                    {
-                        command.Complete(ScsiStatus.ReservationConflict);
-                        return;
-                    }
-                    if (action == 0x05 && preempted.Count > 0) abort = preempted;
-                    persist = true;
-                    break;
-                }
-                case 0x07:   // REGISTER AND MOVE
-                {
-                    if (!RegisterAndMove(command, own, key, serviceActionKey, scope, type, data)) return;
-                    persist = true;
-                    break;
-                }
-                default:
-                    FailField(command, 1);
-                    return;
+                UpdateReservationsActive();
+                if (persist) snapshot = _aptpl ? Snapshot() : null;
             }
-            UpdateReservationsActive();
-            if (persist) snapshot = _aptpl ? Snapshot() : null;
+            finally
+            {
+                _deferredAttentions = null;
+            }
         }
 
-        if (persist && _reservationStore is not null)
+        if (persist && _reservationStore is not null && (snapshot is not null || before.Aptpl))
         {
             try
             {
@@ -411,13 +439,44 @@ public sealed partial class LogicalUnit
             }
             catch (Exception)
             {
+                // The change did not become durable: it did not happen (SPC-4: PRgeneration unchanged on error).
+                lock (_stateLock) RestoreReservations(before);
                 Fail(command, SenseCode.InsufficientRegistrationResources);
                 return;
             }
         }
+        foreach (var (nexusKey, code) in attentions) RaiseUnitAttention(nexusKey, code);
         if (abort is not null && AbortTasksOfNexuses is { } aborter)
             await aborter(this, abort).ConfigureAwait(false);
         command.CompleteGood();
+    }
+
+    private void DeferAttention(string nexusKey, SenseCode code)
+    {
+        if (_deferredAttentions is { } deferred) deferred.Add((nexusKey, code));
+        else RaiseUnitAttention(nexusKey, code);
+    }
+
+    private sealed record ReservationState(uint Generation, List<Registration> Registrations, string? Holder, PersistentReservationType Type, bool Aptpl);
+
+    private ReservationState CaptureReservations() => new(
+        _prGeneration,
+        _registrations.Values.Select(r => new Registration
+        {
+            NexusKey = r.NexusKey, InitiatorPortName = r.InitiatorPortName, TargetPortName = r.TargetPortName,
+            InitiatorName = r.InitiatorName, Isid = r.Isid, RelativeTargetPortId = r.RelativeTargetPortId, Key = r.Key,
+        }).ToList(),
+        _prHolder, _prType, _aptpl);
+
+    private void RestoreReservations(ReservationState state)
+    {
+        _prGeneration = state.Generation;
+        _registrations.Clear();
+        foreach (var r in state.Registrations) _registrations[r.NexusKey] = r;
+        _prHolder = state.Holder;
+        _prType = state.Type;
+        _aptpl = state.Aptpl;
+        UpdateReservationsActive();
     }
 
     private static bool ValidType(PersistentReservationType type) => type is PersistentReservationType.WriteExclusive
@@ -445,7 +504,7 @@ public sealed partial class LogicalUnit
             ReleasePersistentReservation();
             if (released is PersistentReservationType.WriteExclusiveRegistrantsOnly or PersistentReservationType.ExclusiveAccessRegistrantsOnly)
                 foreach (var other in _registrations.Keys)
-                    RaiseUnitAttention(other, SenseCode.ReservationsReleased);
+                    DeferAttention(other, SenseCode.ReservationsReleased);
         }
     }
 
@@ -464,7 +523,7 @@ public sealed partial class LogicalUnit
             {
                 _registrations.Remove(other.NexusKey);
                 preempted.Add(other.NexusKey);
-                RaiseUnitAttention(other.NexusKey, SenseCode.RegistrationsPreempted);
+                DeferAttention(other.NexusKey, SenseCode.RegistrationsPreempted);
             }
             _prType = type;
             _prHolder = AllRegistrants(type) ? null : nexusKey;
@@ -488,7 +547,7 @@ public sealed partial class LogicalUnit
         {
             _registrations.Remove(victim.NexusKey);
             preempted.Add(victim.NexusKey);
-            RaiseUnitAttention(victim.NexusKey, SenseCode.RegistrationsPreempted);
+            DeferAttention(victim.NexusKey, SenseCode.RegistrationsPreempted);
         }
         if (preemptsReservation)
         {
@@ -497,7 +556,7 @@ public sealed partial class LogicalUnit
             _prHolder = AllRegistrants(type) ? null : nexusKey;
             if (previousType != type)
                 foreach (var other in _registrations.Keys.Where(k => k != nexusKey))
-                    RaiseUnitAttention(other, SenseCode.ReservationsReleased);
+                    DeferAttention(other, SenseCode.ReservationsReleased);
         }
         _prGeneration++;
         return PreemptOutcome.Done;

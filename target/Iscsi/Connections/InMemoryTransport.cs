@@ -23,8 +23,8 @@ public sealed class InMemoryTransport : IIscsiTransport
     public async ValueTask SendAsync(IList<ArraySegment<byte>> buffers)
     {
         if (Volatile.Read(ref _aborted) != 0) throw new IOException("connection aborted");
-        foreach (var segment in buffers)
-            _toInitiator.Writer.Write(segment.AsSpan());
+        for (int i = 0; i < buffers.Count; i++)   // indexed: foreach over IList would box its enumerator per send
+            _toInitiator.Writer.Write(buffers[i].AsSpan());
         await _toInitiator.Writer.FlushAsync().ConfigureAwait(false);
     }
 
