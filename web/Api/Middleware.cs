@@ -27,6 +27,20 @@ public sealed class ProblemMiddleware(RequestDelegate next, ILogger<ProblemMiddl
         try
         {
             await next(context);
+            // Errors produced without a body (no route matched: 404, method not allowed: 405) are problems too.
+            var response = context.Response;
+            if (response.StatusCode >= 400 && !response.HasStarted && response.ContentType is null && response.ContentLength is null or 0)
+            {
+                response.ContentLength = null;
+                await WriteProblemAsync(context, response.StatusCode,
+                    Microsoft.AspNetCore.WebUtilities.ReasonPhrases.GetReasonPhrase(response.StatusCode) is { Length: > 0 } reason ? reason : "Error",
+                    response.StatusCode switch
+                    {
+                        404 => $"there is nothing at {context.Request.Path}",
+                        405 => $"{context.Request.Method} is not allowed on {context.Request.Path}",
+                        _ => $"{context.Request.Method} {context.Request.Path} failed",
+                    }, null);
+            }
         }
         catch (ApplianceError e) when (!context.Response.HasStarted)
         {

@@ -22,6 +22,7 @@ public sealed class TargetService : IAsyncDisposable
     private readonly SemaphoreSlim _lock = new(1, 1);
     private readonly Dictionary<string, LunRecord> _lunRecords = new();
     private readonly CopyTargetResolver _copyTargets;
+    private int _disposed;
 
     public TargetService(ApplianceCatalog catalog, TargetRegistry registry, IscsiPortal portal, ApplianceOptions options, ILogger<TargetService> log)
     {
@@ -87,7 +88,7 @@ public sealed class TargetService : IAsyncDisposable
         {
             var lunRecord = lun.Image is { } image
                 ? ExternalImage(id, lun.Lun, image, lun.BlockSize, lun.ReadOnly)
-                : CreateManagedImage(id, lun.Lun, lun.SizeBytes, lun.BlockSize);
+                : CreateManagedImage(id, lun.Lun, lun.SizeBytes, lun.BlockSize, lun.ReadOnly);
             _catalog.SaveLun(lunRecord);
         }
     }
@@ -97,7 +98,7 @@ public sealed class TargetService : IAsyncDisposable
         record.ChapUserName is { } user ? new ChapCredentials(user, record.ChapSecret!) : null,
         record.MutualChapUserName is { } mutual ? new ChapCredentials(mutual, record.MutualChapSecret!) : null);
 
-    private LunRecord CreateManagedImage(string targetId, int lun, long sizeBytes, int blockSize)
+    private LunRecord CreateManagedImage(string targetId, int lun, long sizeBytes, int blockSize, bool readOnly = false)
     {
         var unitId = Guid.NewGuid();
         string path = System.IO.Path.Combine(ImagesDirectory, $"{unitId:N}.img");
@@ -105,7 +106,7 @@ public sealed class TargetService : IAsyncDisposable
         return new LunRecord
         {
             Id = LunRecord.KeyOf(targetId, lun), TargetId = targetId, Lun = lun, UnitId = unitId, ImagePath = System.IO.Path.GetFullPath(path),
-            Managed = true, SizeBytes = sizeBytes, BlockSize = blockSize, CreatedAt = DateTime.UtcNow,
+            Managed = true, SizeBytes = sizeBytes, BlockSize = blockSize, ReadOnly = readOnly, CreatedAt = DateTime.UtcNow,
         };
     }
 
@@ -212,7 +213,7 @@ public sealed class TargetService : IAsyncDisposable
             {
                 record = image is not null
                     ? ExternalImage(targetId, lun, image, blockSize, readOnly)
-                    : CreateManagedImage(targetId, lun, sizeBytes!.Value, blockSize);
+                    : CreateManagedImage(targetId, lun, sizeBytes!.Value, blockSize, readOnly);
             }
             catch (StorageException e)
             {
@@ -327,9 +328,11 @@ public sealed class TargetService : IAsyncDisposable
         else await unit.DisposeAsync();
     }
 
-    /// <summary>Shutdown: every device is flushed, then closed.</summary>
+    /// <summary>Shutdown: every device is flushed, then closed. Runs once: ApplianceService.StopAsync calls it, then the
+    /// DI container disposes this singleton again (a second flush would hit closed devices and log false failures).</summary>
     public async ValueTask DisposeAsync()
     {
+        if (Interlocked.Exchange(ref _disposed, 1) != 0) return;
         foreach (var target in _registry.All)
         {
             foreach (var unit in target.Luns.Values)

@@ -1,0 +1,136 @@
+using System.Text.Json;
+using ISCSISnap.Tests.Support;
+using Xunit;
+using static ISCSISnap.Tests.Web.WebTest;
+
+namespace ISCSISnap.Tests.Web;
+
+/// <summary>What the API creates lives in the catalog and the images: a restart on the same data directory finds it all.</summary>
+public sealed class PersistenceTests
+{
+    [Fact]
+    public async Task Targets_luns_acl_chap_and_data_survive_a_restart()
+    {
+        using var data = new TempDirectory();
+        using var external = new TempDirectory();
+        string name = UniqueTarget("persist");
+        string gone = UniqueTarget("persist-deleted");
+        const string allowed = "iqn.2026-11.io.iscsisnap.test:persist-allowed";
+        const string stranger = "iqn.2026-11.io.iscsisnap.test:persist-stranger";
+        const string secret = "persisted-secret-01";
+        const string mutualSecret = "persisted-mutual-02";
+        string image = Path.Combine(external.Path, "external.raw");
+        await File.WriteAllBytesAsync(image, new byte[2 << 20]);
+        ulong seed = (ulong)Random.Shared.NextInt64();
+
+        JsonElement before;
+        var first = await ApplianceProcess.StartAsync(dataDirectory: data.Path);
+        try
+        {
+            var http = first.Http;
+            await JsonAsync(await PostAsync(http, "/api/v1/targets", new { name, alias = "persisted alias" }), 201);
+            await JsonAsync(await PostAsync(http, $"/api/v1/targets/{name}/luns", new { lun = 0, sizeBytes = 8L << 20 }), 201);
+            await JsonAsync(await PostAsync(http, $"/api/v1/targets/{name}/luns", new { lun = 1, image }), 201);
+            await JsonAsync(await PostAsync(http, $"/api/v1/targets/{name}/luns", new { lun = 2, sizeBytes = 1L << 20, blockSize = 4096 }), 201);
+            await JsonAsync(await PatchAsync(http, $"/api/v1/targets/{name}/luns/0", new { sizeBytes = 16L << 20 }), 200);
+            await JsonAsync(await PostAsync(http, $"/api/v1/targets/{name}/luns", new { lun = 7, sizeBytes = 1L << 20 }), 201);
+            await JsonAsync(await SendAsync(http, HttpMethod.Delete, $"/api/v1/targets/{name}/luns/7"), 204);
+            await first.CreateTargetAsync(gone, 1L << 20);
+            await JsonAsync(await SendAsync(http, HttpMethod.Delete, $"/api/v1/targets/{gone}"), 204);
+
+            // Data written before ACL and CHAP are set (they apply to new logins).
+            var initiator = await LoginAsync(first, name, allowed, luns: [0, 1, 2]);
+            await using (initiator)
+            {
+                await initiator.WriteAsync(0, Pattern(0, seed, 8));
+                await initiator.WriteAsync(20000, Pattern(20000, seed, 16));   // past the original 8 MiB
+                await initiator.WriteAsync(3000, Pattern(3000, seed, 8), lun: 1);
+                await initiator.WriteAsync(100, Pattern(100, seed, 2, 4096), lun: 2, blockSize: 4096);
+                await initiator.LogoutAsync().WaitAsync(TimeSpan.FromSeconds(10));
+            }
+            await JsonAsync(await PutAsync(http, $"/api/v1/targets/{name}/acl", new { allowedInitiators = new[] { allowed } }), 200);
+            await JsonAsync(await PutAsync(http, $"/api/v1/targets/{name}/chap",
+                new { chap = new { userName = "persist", secret }, mutualChap = new { userName = "array", secret = mutualSecret } }), 200);
+            before = await GetJsonAsync(http, $"/api/v1/targets/{name}");
+            Assert.Equal(0, await first.StopAsync());
+        }
+        finally
+        {
+            await first.DisposeAsync();
+        }
+
+        var second = await ApplianceProcess.StartAsync(dataDirectory: data.Path);
+        await using (second)
+        {
+            var http = second.Http;
+            var after = await GetJsonAsync(http, $"/api/v1/targets/{name}");
+            Assert.Equal("persisted alias", after.Str("alias"));
+            Assert.Equal([allowed], after.GetProperty("allowedInitiators").EnumerateArray().Select(e => e.GetString()));
+            Assert.Equal("persist", after.GetProperty("chap").Str("userName"));
+            Assert.Equal("array", after.GetProperty("mutualChap").Str("userName"));
+            Assert.DoesNotContain(secret, after.GetRawText());
+            // LUNs come back with the same numbers, sizes, images and identities (NAA, serial).
+            string Luns(JsonElement target) => string.Join("\n", target.GetProperty("luns").EnumerateArray().Select(l =>
+                $"{l.GetProperty("lun")} {l.GetProperty("sizeBytes")} {l.GetProperty("blockSize")} {l.Str("image")} {l.GetProperty("managed")} {l.Str("naa")} {l.Str("serial")}"));
+            Assert.Equal(Luns(before), Luns(after));
+            Assert.Equal([0, 1, 2], after.GetProperty("luns").EnumerateArray().Select(l => l.GetProperty("lun").GetInt32()));
+            Assert.Equal(16L << 20, after.GetProperty("luns")[0].GetProperty("sizeBytes").GetInt64());
+            await AssertProblemAsync(await http.GetAsync($"/api/v1/targets/{gone}"), 404);
+            var acl = await GetJsonAsync(http, $"/api/v1/targets/{name}/acl");
+            Assert.Equal([allowed], acl.GetProperty("allowedInitiators").EnumerateArray().Select(e => e.GetString()));
+
+            // CHAP and the ACL are still enforced.
+            Assert.Equal(0x0201, await LoginStatusAsync(second, name, allowed));
+            Assert.Equal(0x0201, await LoginStatusAsync(second, name, allowed, "persist", "not-the-secret-01", "array", mutualSecret));
+            Assert.Equal(0x0202, await LoginStatusAsync(second, name, stranger, "persist", secret, "array", mutualSecret));
+
+            var initiator = await LoginAsync(second, name, allowed, "persist", secret, "array", mutualSecret, luns: [0, 1, 2]);
+            await using (initiator)
+            {
+                Assert.Equal((ulong)(16 << 20) / 512 - 1, (await initiator.ReadCapacity16Async()).LastLba);
+                Assert.Equal(Pattern(0, seed, 8), await initiator.ReadAsync(0, 8));
+                Assert.Equal(Pattern(20000, seed, 16), await initiator.ReadAsync(20000, 16));
+                Assert.Equal(Pattern(3000, seed, 8), await initiator.ReadAsync(3000, 8, lun: 1));
+                Assert.Equal(Pattern(100, seed, 2, 4096), await initiator.ReadAsync(100, 2, lun: 2, blockSize: 4096));
+                await initiator.LogoutAsync().WaitAsync(TimeSpan.FromSeconds(10));
+            }
+        }
+        Assert.Equal(Pattern(3000, seed, 8), File.ReadAllBytes(image).AsSpan(3000 * 512, 8 * 512).ToArray());
+    }
+
+    [Fact]
+    public async Task The_demo_target_is_created_on_first_start_and_not_recreated_once_deleted()
+    {
+        using var data = new TempDirectory();
+        var first = await ApplianceProcess.StartAsync(dataDirectory: data.Path);
+        string demoImage;
+        try
+        {
+            var demo = await GetJsonAsync(first.Http, $"/api/v1/targets/{ApplianceProcess.DemoTarget}");
+            var lun = Assert.Single(demo.GetProperty("luns").EnumerateArray());
+            Assert.Equal(0, lun.GetProperty("lun").GetInt32());
+            Assert.Equal(1L << 30, lun.GetProperty("sizeBytes").GetInt64());
+            Assert.True(lun.GetProperty("managed").GetBoolean());
+            demoImage = lun.Str("image")!;
+            Assert.True(File.Exists(demoImage));
+            Assert.Equal(0, await LoginStatusAsync(first, ApplianceProcess.DemoTarget));
+
+            await JsonAsync(await SendAsync(first.Http, HttpMethod.Delete, $"/api/v1/targets/{ApplianceProcess.DemoTarget}"), 204);
+            Assert.False(File.Exists(demoImage), "the demo LUN's managed image goes with the target");
+            Assert.Equal(0, await first.StopAsync());
+        }
+        finally
+        {
+            await first.DisposeAsync();
+        }
+
+        var second = await ApplianceProcess.StartAsync(dataDirectory: data.Path);
+        await using (second)
+        {
+            await AssertProblemAsync(await second.Http.GetAsync($"/api/v1/targets/{ApplianceProcess.DemoTarget}"), 404);
+            Assert.DoesNotContain((await GetJsonAsync(second.Http, "/api/v1/targets")).EnumerateArray(), t => t.Str("name") == ApplianceProcess.DemoTarget);
+            Assert.Equal(0x0203, await LoginStatusAsync(second, ApplianceProcess.DemoTarget));
+            Assert.Empty(Directory.GetFiles(Path.Combine(data.Path, "images")));
+        }
+    }
+}
