@@ -330,8 +330,7 @@ internal sealed partial class IscsiConnection
         var item = new ControlPduItem(Opcode.Reject);
         item.Header[2] = (byte)reason;
         HeaderWriter.U32(item.Header, 16, 0xFFFFFFFF);
-        item.Data = header.AsReadOnlySpan().ToArray();
-        item.DataLength = Bhs.Size;
+        item.SetData(header.AsReadOnlySpan());
         return item;
     }
 
