@@ -327,9 +327,12 @@ public sealed class TargetService : IAsyncDisposable
         else await unit.DisposeAsync();
     }
 
-    /// <summary>Shutdown: every device is flushed, then closed.</summary>
+    private int _disposed;
+
+    /// <summary>Shutdown: every device is flushed, then closed (once, however often the host asks).</summary>
     public async ValueTask DisposeAsync()
     {
+        if (Interlocked.Exchange(ref _disposed, 1) != 0) return;
         foreach (var target in _registry.All)
         {
             foreach (var unit in target.Luns.Values)
