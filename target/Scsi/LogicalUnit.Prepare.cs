@@ -269,14 +269,14 @@ public sealed partial class LogicalUnit
             FailField(command, 1, 0);   // ANCHOR
             return;
         }
+        if (WriteProtected)
+        {
+            Fail(command, SoftwareOrHardwareWriteProtect);   // write protection is reported before anything else
+            return;
+        }
         if (!Thin)
         {
             Fail(command, SenseCode.InvalidOpcode);
-            return;
-        }
-        if (WriteProtected)
-        {
-            Fail(command, SoftwareOrHardwareWriteProtect);
             return;
         }
         int length = BinaryPrimitives.ReadUInt16BigEndian(cdb.Slice(7));
