@@ -53,7 +53,7 @@ public sealed class FileBlockDevice : IBlockDevice
         }
     }
 
-    public bool SupportsDeallocation => _punchSupported && !IsReadOnly;
+    public bool SupportsDeallocation => _punchSupported;
     public int DeallocationGranularity => HoleGranularity;
 
     /// <summary>Creates a new sparse file of <paramref name="length"/> bytes; refuses to overwrite an existing file.</summary>

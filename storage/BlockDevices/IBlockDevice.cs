@@ -25,7 +25,7 @@ public interface IBlockDevice : IAsyncDisposable
     /// <summary>Whether writes are refused.</summary>
     bool IsReadOnly { get; }
 
-    /// <summary>Whether the device can deallocate blocks (UNMAP, WRITE SAME with UNMAP) and report their state.</summary>
+    /// <summary>Whether the device can deallocate blocks (UNMAP, WRITE SAME with UNMAP) and report their state; a read-only device still says what its medium can do.</summary>
     bool SupportsDeallocation { get; }
 
     /// <summary>Granularity, in bytes, at which deallocation frees backing storage.</summary>

@@ -25,7 +25,7 @@ public sealed partial class LogicalUnit
                 PrepareVerify(command, cdb);
                 return;
             case 0x8B:
-                PrepareBlocksOut(command, cdb, checkProtect: true, blocks: ReadTransferLength(cdb));
+                PrepareBlocksOut(command, cdb, ReadTransferLength(cdb));
                 return;
             case 0x89:
                 PrepareCompareAndWrite(command, cdb);
@@ -83,103 +83,72 @@ public sealed partial class LogicalUnit
         }
     }
 
-    private void PrepareRead(ScsiCommand command, ReadOnlySpan<byte> cdb)
+    /// <summary>
+    /// The checks every block-addressed READ/WRITE/VERIFY shares, in the order initiators expect: protection
+    /// field, LBA range (overflow-safe), transfer length, then write protection. False when the command failed.
+    /// </summary>
+    private bool CheckBlockCommand(ScsiCommand command, ReadOnlySpan<byte> cdb, uint blocks, bool write)
     {
-        if (cdb[0] != 0x08 && (cdb[1] & 0xE0) != 0)
+        bool sixByte = cdb[0] is 0x08 or 0x0A;
+        if (!sixByte && (cdb[1] & 0xE0) != 0)
         {
-            FailField(command, 1, 7);   // RDPROTECT without protection information
-            return;
+            FailField(command, 1, 7);   // RDPROTECT/WRPROTECT/VRPROTECT without protection information
+            return false;
         }
-        ulong lba = ReadLba(cdb);
-        uint blocks = ReadTransferLength(cdb);
-        if (!RangeValid(lba, blocks))
+        if (!RangeValid(ReadLba(cdb), blocks))
         {
             Fail(command, SenseCode.LbaOutOfRange);
-            return;
-        }
-        if (blocks > MaxTransferBlocks) FailField(command, cdb[0] == 0x08 ? 4 : cdb[0] >= 0xA0 ? 6 : cdb[0] >= 0x80 ? 10 : 7);
-    }
-
-    private void PrepareWrite(ScsiCommand command, ReadOnlySpan<byte> cdb)
-    {
-        if (cdb[0] != 0x0A && (cdb[1] & 0xE0) != 0)
-        {
-            FailField(command, 1, 7);   // WRPROTECT without protection information
-            return;
-        }
-        ulong lba = ReadLba(cdb);
-        uint blocks = ReadTransferLength(cdb);
-        if (!RangeValid(lba, blocks))
-        {
-            Fail(command, SenseCode.LbaOutOfRange);
-            return;
+            return false;
         }
         if (blocks > MaxTransferBlocks)
         {
-            FailField(command, cdb[0] == 0x0A ? 4 : cdb[0] >= 0xA0 ? 6 : cdb[0] >= 0x80 ? 10 : 7);
-            return;
+            FailField(command, TransferLengthField(cdb[0]));
+            return false;
         }
-        if (WriteProtected)
+        if (write && WriteProtected)
         {
             Fail(command, SoftwareOrHardwareWriteProtect);
-            return;
+            return false;
         }
+        return true;
+    }
+
+    /// <summary>Where the transfer length sits in the CDB, by command group (for sense field pointers).</summary>
+    private static int TransferLengthField(byte opcode) => opcode switch
+    {
+        0x08 or 0x0A => 4,
+        >= 0x80 and < 0xA0 => 10,
+        >= 0xA0 => 6,
+        _ => 7,
+    };
+
+    private void PrepareRead(ScsiCommand command, ReadOnlySpan<byte> cdb) =>
+        CheckBlockCommand(command, cdb, ReadTransferLength(cdb), write: false);
+
+    private void PrepareWrite(ScsiCommand command, ReadOnlySpan<byte> cdb)
+    {
+        uint blocks = ReadTransferLength(cdb);
+        if (!CheckBlockCommand(command, cdb, blocks, write: true)) return;
         command.DataOutMode = DataOutMode.Stream;
         command.DataOutLength = (int)(blocks << BlockShift);
     }
 
     /// <summary>Commands whose Data-Out is <paramref name="blocks"/> logical blocks, collected before execution.</summary>
-    private void PrepareBlocksOut(ScsiCommand command, ReadOnlySpan<byte> cdb, bool checkProtect, uint blocks)
+    private void PrepareBlocksOut(ScsiCommand command, ReadOnlySpan<byte> cdb, uint blocks)
     {
-        if (checkProtect && (cdb[1] & 0xE0) != 0)
-        {
-            FailField(command, 1, 7);
-            return;
-        }
-        ulong lba = ReadLba(cdb);
-        if (!RangeValid(lba, blocks))
-        {
-            Fail(command, SenseCode.LbaOutOfRange);
-            return;
-        }
-        if (blocks > MaxTransferBlocks)
-        {
-            FailField(command, cdb[0] >= 0xA0 ? 6 : cdb[0] >= 0x80 ? 10 : 7);
-            return;
-        }
-        if (WriteProtected)
-        {
-            Fail(command, SoftwareOrHardwareWriteProtect);
-            return;
-        }
-        PlanBuffered(command, (int)(blocks << BlockShift));
+        if (CheckBlockCommand(command, cdb, blocks, write: true)) PlanBuffered(command, (int)(blocks << BlockShift));
     }
 
     private void PrepareVerify(ScsiCommand command, ReadOnlySpan<byte> cdb)
     {
-        if ((cdb[1] & 0xE0) != 0)
-        {
-            FailField(command, 1, 7);   // VRPROTECT
-            return;
-        }
         int byteCheck = (cdb[1] >> 1) & 0x03;
-        if (byteCheck == 2)
+        if ((cdb[1] & 0xE0) == 0 && byteCheck == 2)
         {
             FailField(command, 1, 2);
             return;
         }
-        ulong lba = ReadLba(cdb);
         uint blocks = ReadTransferLength(cdb);
-        if (!RangeValid(lba, blocks))
-        {
-            Fail(command, SenseCode.LbaOutOfRange);
-            return;
-        }
-        if (blocks > MaxTransferBlocks)
-        {
-            FailField(command, cdb[0] >= 0xA0 ? 6 : cdb[0] >= 0x80 ? 10 : 7);
-            return;
-        }
+        if (!CheckBlockCommand(command, cdb, blocks, write: false)) return;
         if (byteCheck == 1) PlanBuffered(command, (int)(blocks << BlockShift));
         else if (byteCheck == 3) PlanBuffered(command, blocks == 0 ? 0 : BlockSize);
     }
@@ -300,14 +269,14 @@ public sealed partial class LogicalUnit
             FailField(command, 1, 0);   // ANCHOR
             return;
         }
+        if (WriteProtected)
+        {
+            Fail(command, SoftwareOrHardwareWriteProtect);   // write protection is reported before anything else
+            return;
+        }
         if (!Thin)
         {
             Fail(command, SenseCode.InvalidOpcode);
-            return;
-        }
-        if (WriteProtected)
-        {
-            Fail(command, SoftwareOrHardwareWriteProtect);
             return;
         }
         int length = BinaryPrimitives.ReadUInt16BigEndian(cdb.Slice(7));

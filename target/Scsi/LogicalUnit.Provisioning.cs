@@ -88,7 +88,7 @@ public sealed partial class LogicalUnit
         }
         if (!noDataOut && command.DataOutReceived < BlockSize)
         {
-            Fail(command, new SenseCode(SenseKey.IllegalRequest, 0x0E, 0x03));
+            Fail(command, SenseCode.InvalidFieldInInformationUnit);
             return;
         }
         var pattern = noDataOut ? ReadOnlyMemory<byte>.Empty : command.Buffer.AsMemory(0, BlockSize);

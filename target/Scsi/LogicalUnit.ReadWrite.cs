@@ -159,7 +159,7 @@ public sealed partial class LogicalUnit
         if (command.CarryLength > 0)
         {
             // Data-Out ended inside a block: the whole blocks before it are written, the fragment cannot be.
-            Fail(command, new SenseCode(SenseKey.IllegalRequest, 0x0E, 0x03));
+            Fail(command, SenseCode.InvalidFieldInInformationUnit);
             return ValueTask.CompletedTask;
         }
         bool fua = command.Opcode != 0x0A && (command.Cdb[1] & 0x08) != 0;
@@ -206,7 +206,7 @@ public sealed partial class LogicalUnit
         {
             if (command.DataOutReceived < command.DataOutLength)
             {
-                Fail(command, new SenseCode(SenseKey.IllegalRequest, 0x0E, 0x03));
+                Fail(command, SenseCode.InvalidFieldInInformationUnit);
                 return;
             }
             expected = command.Buffer;
@@ -294,22 +294,30 @@ public sealed partial class LogicalUnit
         }
     }
 
-    private async ValueTask OrWriteAsync(ScsiCommand command)
+    /// <summary>The start shared by commands that write their buffered Data-Out blocks; false once the command is complete.</summary>
+    private bool BeginBufferedWrite(ScsiCommand command, out long start, out WriteFlags flags)
     {
-        var cdb = command.Cdb;
-        int length = command.DataOutLength;
-        if (length == 0)
+        start = 0;
+        flags = WriteFlags.None;
+        if (command.DataOutLength == 0)
         {
             command.CompleteGood();
-            return;
+            return false;
         }
-        if (command.DataOutReceived < length)
+        if (command.DataOutReceived < command.DataOutLength)
         {
-            Fail(command, new SenseCode(SenseKey.IllegalRequest, 0x0E, 0x03));
-            return;
+            Fail(command, SenseCode.InvalidFieldInInformationUnit);
+            return false;
         }
-        long start = (long)ReadLba(cdb) << BlockShift;
-        bool fua = (cdb[1] & 0x08) != 0 || !_writeCacheEnabled;
+        start = (long)ReadLba(command.Cdb) << BlockShift;
+        if ((command.Cdb[1] & 0x08) != 0 || !_writeCacheEnabled) flags = WriteFlags.ForceUnitAccess;
+        return true;
+    }
+
+    private async ValueTask OrWriteAsync(ScsiCommand command)
+    {
+        if (!BeginBufferedWrite(command, out long start, out var flags)) return;
+        int length = command.DataOutLength;
         var data = command.Buffer!;
         var pool = Storage.Buffers.PinnedBufferPool.Shared;
         var current = pool.Rent(length);
@@ -323,7 +331,7 @@ public sealed partial class LogicalUnit
                 return;
             }
             OrInto(current.AsSpan(0, length), data.AsSpan(0, length));
-            status = await Device.WriteAsync(start, new ReadOnlySequence<byte>(current, 0, length), fua ? WriteFlags.ForceUnitAccess : WriteFlags.None).ConfigureAwait(false);
+            status = await Device.WriteAsync(start, new ReadOnlySequence<byte>(current, 0, length), flags).ConfigureAwait(false);
             CompleteFrom(command, status, write: true);
         }
         finally
@@ -335,24 +343,11 @@ public sealed partial class LogicalUnit
 
     private async ValueTask WriteAtomicAsync(ScsiCommand command)
     {
-        var cdb = command.Cdb;
-        int length = command.DataOutLength;
-        if (length == 0)
-        {
-            command.CompleteGood();
-            return;
-        }
-        if (command.DataOutReceived < length)
-        {
-            Fail(command, new SenseCode(SenseKey.IllegalRequest, 0x0E, 0x03));
-            return;
-        }
-        long start = (long)ReadLba(cdb) << BlockShift;
-        bool fua = (cdb[1] & 0x08) != 0 || !_writeCacheEnabled;
+        if (!BeginBufferedWrite(command, out long start, out var flags)) return;
         await _writeGate.EnterExclusiveAsync().ConfigureAwait(false);
         try
         {
-            var status = await Device.WriteAtomicAsync(start, command.Buffer.AsMemory(0, length), fua ? WriteFlags.ForceUnitAccess : WriteFlags.None).ConfigureAwait(false);
+            var status = await Device.WriteAtomicAsync(start, command.Buffer.AsMemory(0, command.DataOutLength), flags).ConfigureAwait(false);
             CompleteFrom(command, status, write: true);
         }
         finally

@@ -16,7 +16,6 @@ public sealed partial class LogicalUnit
             fresh.PendingCount = 1;
             return fresh;
         });
-        if (state.PendingCount > 0) Interlocked.Increment(ref _pendingAttentions);
         nexus.CacheState(Ordinal, state);
         return state;
     }

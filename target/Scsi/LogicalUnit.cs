@@ -22,7 +22,6 @@ public sealed partial class LogicalUnit : IAsyncDisposable
     private readonly SharedExclusiveGate _taskSet = new();
     private readonly SharedExclusiveGate _writeGate = new();
     private readonly IPersistentReservationStore? _reservationStore;
-    private int _pendingAttentions;
 
     public LogicalUnit(LogicalUnitIdentity identity, IBlockDevice device, LogicalUnitOptions? options = null,
         IPersistentReservationStore? reservationStore = null, ILunDirectory? directory = null, ICopyTargetResolver? copyTargets = null)

@@ -65,6 +65,8 @@ public readonly record struct SenseCode(SenseKey Key, byte Asc, byte Ascq)
     public static readonly SenseCode UnsupportedSegmentDescriptorType = new(SenseKey.IllegalRequest, 0x26, 0x09);
     public static readonly SenseCode OperationInProgress = new(SenseKey.IllegalRequest, 0x00, 0x16);
     public static readonly SenseCode InvalidMessageError = new(SenseKey.IllegalRequest, 0x49, 0x00);
+    /// <summary>The Data-Out did not match what the CDB describes (too short, or ending inside a block).</summary>
+    public static readonly SenseCode InvalidFieldInInformationUnit = new(SenseKey.IllegalRequest, 0x0E, 0x03);
 
     // UNIT ATTENTION
     public static readonly SenseCode PowerOnResetOccurred = new(SenseKey.UnitAttention, 0x29, 0x00);

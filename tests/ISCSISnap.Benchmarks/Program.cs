@@ -6,7 +6,8 @@ namespace ISCSISnap.Benchmarks;
 /// Runs the benchmarks through BenchmarkDotNet's command line, for example
 /// <c>dotnet run -c Release --project tests/ISCSISnap.Benchmarks -- --filter '*'</c>, with <c>--job short</c> for a
 /// quick pass or <c>--list flat</c> to see them. <c>-- alloc-report</c> instead runs the in-process READ and
-/// WRITE round trips outside BenchmarkDotNet and prints what they allocate, by type (see <see cref="AllocationReport"/>).
+/// WRITE round trips outside BenchmarkDotNet and prints what they allocate, by type (see <see cref="AllocationReport"/>);
+/// <c>-- alloc-socket</c> measures allocation per command on the real socket path under iscsi-perf (see <see cref="SocketAllocationReport"/>).
 /// </summary>
 public static class Program
 {
@@ -14,6 +15,8 @@ public static class Program
     {
         if (args.Length > 0 && args[0] == "alloc-report")
             return AllocationReport.Run(args.AsSpan(1));
+        if (args.Length > 0 && args[0] == "alloc-socket")
+            return SocketAllocationReport.Run(args.AsSpan(1));
         BenchmarkSwitcher.FromAssembly(typeof(Program).Assembly).Run(args);
         return 0;
     }

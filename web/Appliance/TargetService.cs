@@ -22,7 +22,6 @@ public sealed class TargetService : IAsyncDisposable
     private readonly SemaphoreSlim _lock = new(1, 1);
     private readonly Dictionary<string, LunRecord> _lunRecords = new();
     private readonly CopyTargetResolver _copyTargets;
-    private int _disposed;
 
     public TargetService(ApplianceCatalog catalog, TargetRegistry registry, IscsiPortal portal, ApplianceOptions options, ILogger<TargetService> log)
     {
@@ -328,8 +327,9 @@ public sealed class TargetService : IAsyncDisposable
         else await unit.DisposeAsync();
     }
 
-    /// <summary>Shutdown: every device is flushed, then closed. Runs once: ApplianceService.StopAsync calls it, then the
-    /// DI container disposes this singleton again (a second flush would hit closed devices and log false failures).</summary>
+    private int _disposed;
+
+    /// <summary>Shutdown: every device is flushed, then closed (once, however often the host asks).</summary>
     public async ValueTask DisposeAsync()
     {
         if (Interlocked.Exchange(ref _disposed, 1) != 0) return;

@@ -45,11 +45,7 @@ internal sealed partial class IscsiConnection
         HeaderWriter.U32(item.Header, 16, itt);
         HeaderWriter.U32(item.Header, 20, 0xFFFFFFFF);
         int echo = (int)Math.Min(pdu.Data.Length, Parameters.InitiatorMaxRecvDataSegmentLength);
-        if (echo > 0)
-        {
-            item.Data = pdu.Data.Slice(0, echo).ToArray();
-            item.DataLength = echo;
-        }
+        if (echo > 0) item.SetData(pdu.Data.Slice(0, echo).ToArray());
         Enqueue(item, kick: false);
     }
 
@@ -208,11 +204,7 @@ internal sealed partial class IscsiConnection
             _pendingTextTtt = _nextTextTtt++;
             HeaderWriter.U32(item.Header, 20, _pendingTextTtt);
         }
-        if (length > 0)
-        {
-            item.Data = data.AsSpan(_pendingTextOffset, length).ToArray();
-            item.DataLength = length;
-        }
+        if (length > 0) item.SetData(data.AsSpan(_pendingTextOffset, length));
         _pendingTextOffset += length;
         Enqueue(item, kick: false);
     }

@@ -421,11 +421,7 @@ internal sealed partial class IscsiConnection
         HeaderWriter.U32(h, 16, login.Itt);
         h[36] = (byte)(status >> 8);
         h[37] = (byte)status;
-        if (response is { Count: > 0 })
-        {
-            item.Data = response.Encode();
-            item.DataLength = item.Data.Length;
-        }
+        if (response is { Count: > 0 }) item.SetData(response.Encode());
         return item;
     }
 }

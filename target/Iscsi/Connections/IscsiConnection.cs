@@ -39,6 +39,7 @@ internal sealed partial class IscsiConnection
     private volatile ConnectionState _state = ConnectionState.Login;
     private long _lastReceiveTicks = Environment.TickCount64;
     private int _closeStarted;
+    private bool _loginTimerArmed = true;   // owned by the receive loop
 
     public IscsiConnection(IscsiPortal portal, IIscsiTransport transport, ILogger log, long id)
     {
@@ -93,9 +94,9 @@ internal sealed partial class IscsiConnection
                         var handled = HandlePduAsync(pdu);
                         if (!handled.IsCompletedSuccessfully) await handled.ConfigureAwait(false);
                         buffer = buffer.Slice(pdu.End);
-                        if (_state == ConnectionState.FullFeature && loginTimerArmed)
+                        if (_state == ConnectionState.FullFeature && _loginTimerArmed)
                         {
-                            loginTimerArmed = false;
+                            _loginTimerArmed = false;
                             loginTimer.Change(Timeout.Infinite, Timeout.Infinite);
                         }
                     }
@@ -126,8 +127,6 @@ internal sealed partial class IscsiConnection
             await CloseAsync("receive loop ended").ConfigureAwait(false);
         }
     }
-
-    private bool loginTimerArmed = true;
 
     private void OnLoginTimeout()
     {
@@ -330,8 +329,7 @@ internal sealed partial class IscsiConnection
         var item = new ControlPduItem(Opcode.Reject);
         item.Header[2] = (byte)reason;
         HeaderWriter.U32(item.Header, 16, 0xFFFFFFFF);
-        item.Data = header.AsReadOnlySpan().ToArray();
-        item.DataLength = Bhs.Size;
+        item.SetData(header.AsReadOnlySpan());
         return item;
     }
 

@@ -175,8 +175,8 @@ internal sealed class R2TItem : OutboundItem
 internal sealed class ControlPduItem : OutboundItem
 {
     public readonly byte[] Header = new byte[Bhs.Size];
-    public byte[]? Data;
-    public int DataLength;
+    public byte[]? Data { get; private set; }
+    public int DataLength { get; private set; }
     /// <summary>Stamp the connection's StatSN at offset 24 and advance it (a status PDU).</summary>
     public bool AdvancesStatSN = true;
     /// <summary>Stamp StatSN without advancing it (NOP-In pings, Async messages carry the next StatSN).</summary>
@@ -190,6 +190,21 @@ internal sealed class ControlPduItem : OutboundItem
     {
         Header[0] = (byte)opcode;
         Header[1] = flags;
+    }
+
+    /// <summary>The PDU's data segment, copied to the pinned object heap (see <see cref="SendBatch"/>).</summary>
+    public void SetData(ReadOnlySpan<byte> data)
+    {
+        if (data.IsEmpty)
+        {
+            Data = null;
+            DataLength = 0;
+            return;
+        }
+        var pinned = GC.AllocateUninitializedArray<byte>(data.Length, pinned: true);
+        data.CopyTo(pinned);
+        Data = pinned;
+        DataLength = data.Length;
     }
 
     public override bool Emit(SendBatch batch, IscsiConnection connection)

@@ -6,15 +6,17 @@ namespace ISCSISnap.Target.Iscsi.Connections;
 
 /// <summary>
 /// One gather send under construction: PDU headers (with digests) are written into a pinned arena, payloads are
-/// referenced where they already are (read buffers, text bytes), never copied. Threading: used by the
-/// connection's single send loop only.
+/// referenced where they already are (read buffers, text bytes), never copied. Every array a batch references
+/// lives on the pinned object heap (arena, padding, <see cref="Storage.Buffers.PinnedBufferPool"/> buffers,
+/// <see cref="ControlPduItem.SetData"/>), so the transport may hand their addresses to sendmsg directly.
+/// Threading: used by the connection's single send loop only.
 /// </summary>
 internal sealed class SendBatch
 {
     public const int MaxSegments = 256;
     private const int ArenaSize = 64 * 1024;
     private const long MaxBytes = 4 << 20;
-    private static readonly byte[] s_padding = new byte[4];
+    private static readonly byte[] s_padding = GC.AllocateArray<byte>(4, pinned: true);
 
     private readonly byte[] _arena = GC.AllocateArray<byte>(ArenaSize, pinned: true);
     private int _arenaUsed;

@@ -2,6 +2,7 @@ using System.IO.Pipelines;
 using System.Net;
 using System.Net.Sockets;
 using System.Runtime.CompilerServices;
+using System.Runtime.InteropServices;
 using System.Threading.Tasks.Sources;
 using ISCSISnap.Storage.Buffers;
 
@@ -12,7 +13,7 @@ namespace ISCSISnap.Target.Iscsi.Connections;
 /// so the PDU parser runs on the receiving thread), and sends are vectored sendmsg calls through one reusable
 /// <see cref="SocketAsyncEventArgs"/>. Threading: see <see cref="IIscsiTransport"/>.
 /// </summary>
-public sealed class SocketTransport : IIscsiTransport
+public sealed partial class SocketTransport : IIscsiTransport
 {
     private readonly Socket _socket;
     private readonly Pipe _pipe;
@@ -75,7 +76,107 @@ public sealed class SocketTransport : IIscsiTransport
     public ValueTask SendAsync(IList<ArraySegment<byte>> buffers)
     {
         if (Volatile.Read(ref _aborted) != 0) return ValueTask.FromException(new IOException("connection aborted"));
-        return _sender.SendAsync(_socket, buffers);
+        // Fast path: one sendmsg on this thread with the iovecs on the stack (the SocketAsyncEventArgs path
+        // allocates pin handles and iovec arrays for more than 8 buffers). What the kernel cannot take at once
+        // goes through the asynchronous sender.
+        long sent = TrySendDirect(buffers, out int errno);
+        if (sent < 0)
+        {
+            return errno == EAGAIN
+                ? _sender.SendAsync(_socket, buffers)
+                : ValueTask.FromException(new IOException($"send failed: errno {errno}"));
+        }
+        long total = 0;
+        for (int i = 0; i < buffers.Count; i++) total += buffers[i].Count;
+        if (sent == total) return ValueTask.CompletedTask;
+        return _sender.SendAsync(_socket, Remaining(buffers, sent));
+    }
+
+    private const int EAGAIN = 11, EINTR = 4, MSG_NOSIGNAL = 0x4000, MaxIovecs = 1024;
+
+    /// <summary>Bytes sendmsg accepted (possibly fewer than all), or -1 with <paramref name="errno"/>.</summary>
+    private unsafe long TrySendDirect(IList<ArraySegment<byte>> buffers, out int errno)
+    {
+        errno = 0;
+        int count = buffers.Count;
+        if (count > MaxIovecs)
+        {
+            errno = EAGAIN;   // let the asynchronous sender split it
+            return -1;
+        }
+        var handle = _socket.SafeHandle;
+        bool added = false;
+        try
+        {
+            handle.DangerousAddRef(ref added);
+            var iov = stackalloc Native.IoVec[count];
+            for (int i = 0; i < count; i++)
+            {
+                var segment = buffers[i];
+                // Every array a send batch references lives on the pinned object heap (see SendBatch).
+                iov[i].Base = Unsafe.AsPointer(ref Unsafe.Add(ref MemoryMarshal.GetArrayDataReference(segment.Array!), segment.Offset));
+                iov[i].Length = (nuint)segment.Count;
+            }
+            var message = new Native.MessageHeader { Iov = iov, IovLength = (nuint)count };
+            while (true)
+            {
+                nint n = Native.SendMessage((int)handle.DangerousGetHandle(), &message, MSG_NOSIGNAL);
+                if (n >= 0) return n;
+                errno = Marshal.GetLastPInvokeError();
+                if (errno != EINTR) return -1;
+            }
+        }
+        catch (ObjectDisposedException)
+        {
+            errno = 9;   // EBADF
+            return -1;
+        }
+        finally
+        {
+            if (added) handle.DangerousRelease();
+        }
+    }
+
+    /// <summary>The part of <paramref name="buffers"/> after its first <paramref name="sent"/> bytes.</summary>
+    private static List<ArraySegment<byte>> Remaining(IList<ArraySegment<byte>> buffers, long sent)
+    {
+        var rest = new List<ArraySegment<byte>>(buffers.Count);
+        foreach (var segment in buffers)
+        {
+            if (sent >= segment.Count)
+            {
+                sent -= segment.Count;
+                continue;
+            }
+            rest.Add(sent > 0 ? segment.Slice((int)sent) : segment);
+            sent = 0;
+        }
+        return rest;
+    }
+
+    private static unsafe partial class Native
+    {
+        [StructLayout(LayoutKind.Sequential)]
+        public struct IoVec
+        {
+            public void* Base;
+            public nuint Length;
+        }
+
+        [StructLayout(LayoutKind.Sequential)]
+        public struct MessageHeader
+        {
+            public void* Name;
+            public uint NameLength;
+            public IoVec* Iov;
+            public nuint IovLength;
+            public void* Control;
+            public nuint ControlLength;
+            public int Flags;
+        }
+
+        [LibraryImport("libc", EntryPoint = "sendmsg", SetLastError = true)]
+        public static partial nint SendMessage(int fd, MessageHeader* message, int flags);
     }
 
     public void Abort()

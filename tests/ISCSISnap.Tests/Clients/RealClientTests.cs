@@ -118,4 +118,20 @@ public sealed class RealClientTests(ApplianceFixture fixture) : IClassFixture<Ap
             Assert.Matches(@"tests\s+\d+\s+\d+\s+\d+\s+0\s", result.Output);
         }
     }
+
+    [Fact]
+    public async Task Iscsi_test_cu_read_only_suite_passes_on_a_write_protected_lun()
+    {
+        const string target = "iqn.2026-11.io.iscsisnap.test:readonly";
+        using var dir = new TempDirectory();
+        string image = Path.Combine(dir.Path, "ro.img");
+        using (var file = File.Create(image)) file.SetLength(64L << 20);
+        (await Appliance.Http.PostAsJsonAsync("/api/v1/targets", new { name = target })).EnsureSuccessStatusCode();
+        (await Appliance.Http.PostAsJsonAsync($"/api/v1/targets/{target}/luns", new { lun = 0, image, readOnly = true })).EnsureSuccessStatusCode();
+        var result = await Tool.RunAsync("iscsi-test-cu", ["-d", "-v", "-t", "ALL.ReadOnly", Appliance.Url(target)], TimeSpan.FromMinutes(2), dir.Path);
+        Assert.True(result.ExitCode == 0, result.Output);
+        Assert.DoesNotContain("FAILED", result.Output);
+        Assert.DoesNotContain("SKIPPED", result.Output);   // every write-type command was refused with DATA PROTECT
+        Assert.Matches(@"tests\s+1\s+1\s+1\s+0\s", result.Output);
+    }
 }

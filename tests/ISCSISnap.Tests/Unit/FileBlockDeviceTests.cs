@@ -320,7 +320,7 @@ public sealed class FileBlockDeviceTests : IDisposable
         File.WriteAllBytes(ImagePath(), contents);
         await using var device = FileBlockDevice.Open(ImagePath(), readOnly: true);
         Assert.True(device.IsReadOnly);
-        Assert.False(device.SupportsDeallocation);
+        Assert.True(device.SupportsDeallocation);   // the medium can deallocate; writes are refused separately (below)
         Assert.Equal(0, device.MaxAtomicWriteBytes);
         Assert.Equal(IoStatus.WriteProtected, await device.WriteAsync(0, new ReadOnlySequence<byte>(new byte[512]), WriteFlags.None));
         Assert.Equal(IoStatus.WriteProtected, await device.WriteZeroesAsync(0, 4096, deallocate: true, WriteFlags.None));
