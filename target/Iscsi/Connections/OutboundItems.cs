@@ -141,6 +141,8 @@ internal sealed class R2TItem : OutboundItem
     public R2TItem(IscsiTask task) => _task = task;
 
     public bool InUse;
+    /// <summary>In the connection's send queue: set when queued, cleared once sent or dropped.</summary>
+    public volatile bool Queued;
     public int Generation;
     public uint R2TSN;
     public int Offset;
@@ -165,7 +167,7 @@ internal sealed class R2TItem : OutboundItem
         return true;
     }
 
-    public override void OnSent(IscsiConnection connection, bool sent) { }
+    public override void OnSent(IscsiConnection connection, bool sent) => Queued = false;
 }
 
 /// <summary>
