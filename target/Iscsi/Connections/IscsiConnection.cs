@@ -39,6 +39,15 @@ internal sealed partial class IscsiConnection
     private volatile ConnectionState _state = ConnectionState.Login;
     private long _lastReceiveTicks = Environment.TickCount64;
     private int _closeStarted;
+    private long _outboundBytes;
+    private TaskCompletionSource? _drainWaiter;
+
+    /// <summary>
+    /// Above this many bytes of queued responses the receive loop stops taking PDUs until the sender is down to
+    /// <see cref="OutboundLowWater"/>: a peer that sends requests (NOP-Outs with data, say) but never reads the
+    /// answers gets TCP backpressure instead of growing the target's memory, and is dropped by the NOP-In timeout.
+    /// </summary>
+    internal const long OutboundHighWater = 4 << 20, OutboundLowWater = 1 << 20;
 
     public IscsiConnection(IscsiPortal portal, IIscsiTransport transport, ILogger log, long id)
     {
@@ -98,6 +107,8 @@ internal sealed partial class IscsiConnection
                             loginTimerArmed = false;
                             loginTimer.Change(Timeout.Infinite, Timeout.Infinite);
                         }
+                        if (Volatile.Read(ref _outboundBytes) > OutboundHighWater)
+                            await WaitForOutboundDrainAsync().ConfigureAwait(false);
                     }
                 }
                 finally
@@ -128,6 +139,23 @@ internal sealed partial class IscsiConnection
     }
 
     private bool loginTimerArmed = true;
+
+    /// <summary>Waits until the queued responses are down to the low-water mark (or the connection ends).</summary>
+    private async Task WaitForOutboundDrainAsync()
+    {
+        var waiter = new TaskCompletionSource(TaskCreationOptions.RunContinuationsAsynchronously);
+        Interlocked.Exchange(ref _drainWaiter, waiter);   // a full fence: the sender sees it, or we see its progress
+        KickSender();
+        try
+        {
+            if (Volatile.Read(ref _outboundBytes) > OutboundLowWater)
+                await waiter.Task.WaitAsync(_lifetime.Token).ConfigureAwait(false);
+        }
+        finally
+        {
+            Interlocked.CompareExchange(ref _drainWaiter, null, waiter);
+        }
+    }
 
     private void OnLoginTimeout()
     {
@@ -249,6 +277,7 @@ internal sealed partial class IscsiConnection
             item.OnSent(this, false);
             return;
         }
+        Interlocked.Add(ref _outboundBytes, item.QueuedBytes);
         _outbound.Enqueue(item);
         if (kick) KickSender();
     }
@@ -280,7 +309,14 @@ internal sealed partial class IscsiConnection
                     continue;
                 }
                 await _transport.SendAsync(batch.Segments).ConfigureAwait(false);
-                foreach (var item in batch.Finished) item.OnSent(this, true);
+                long sentBytes = 0;
+                foreach (var item in batch.Finished)
+                {
+                    sentBytes += item.QueuedBytes;
+                    item.OnSent(this, true);
+                }
+                if (Interlocked.Add(ref _outboundBytes, -sentBytes) <= OutboundLowWater)
+                    Volatile.Read(ref _drainWaiter)?.TrySetResult();
             }
         }
         catch (Exception e)

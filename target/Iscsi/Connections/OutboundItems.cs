@@ -15,6 +15,12 @@ internal abstract class OutboundItem
 
     /// <summary>The bytes went to the transport (<paramref name="sent"/>) or the connection died before.</summary>
     public abstract void OnSent(IscsiConnection connection, bool sent);
+
+    /// <summary>
+    /// Memory this item holds while queued, for the connection's outbound backlog: its header, plus any payload it
+    /// copied. Data-In lives in the command's buffer, charged to the I/O memory budget instead. Constant while queued.
+    /// </summary>
+    public virtual int QueuedBytes => Bhs.Size;
 }
 
 /// <summary>Data-In PDUs (status collapsed into the last when possible) and/or the SCSI Response of one task.</summary>
@@ -207,4 +213,6 @@ internal sealed class ControlPduItem : OutboundItem
     }
 
     public override void OnSent(IscsiConnection connection, bool sent) => AfterSend?.Invoke(connection, sent);
+
+    public override int QueuedBytes => Bhs.Size + DataLength;
 }
