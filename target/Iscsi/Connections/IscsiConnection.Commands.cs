@@ -207,6 +207,7 @@ internal sealed partial class IscsiConnection
             r2t.Length = length;
             task.SolicitNext += length;
             task.OutstandingR2T++;
+            r2t.Queued = true;
             Enqueue(r2t, kick: false);
         }
     }

@@ -40,6 +40,15 @@ internal sealed partial class IscsiConnection
     private long _lastReceiveTicks = Environment.TickCount64;
     private int _closeStarted;
     private bool _loginTimerArmed = true;   // owned by the receive loop
+    private long _outboundBytes;
+    private TaskCompletionSource? _drainWaiter;
+
+    /// <summary>
+    /// Above this many bytes of queued responses the receive loop stops taking PDUs until the sender is down to
+    /// <see cref="OutboundLowWater"/>: a peer that sends requests (NOP-Outs with data, say) but never reads the
+    /// answers gets TCP backpressure instead of growing the target's memory, and is dropped by the NOP-In timeout.
+    /// </summary>
+    internal const long OutboundHighWater = 4 << 20, OutboundLowWater = 1 << 20;
 
     public IscsiConnection(IscsiPortal portal, IIscsiTransport transport, ILogger log, long id)
     {
@@ -99,6 +108,8 @@ internal sealed partial class IscsiConnection
                             _loginTimerArmed = false;
                             loginTimer.Change(Timeout.Infinite, Timeout.Infinite);
                         }
+                        if (Volatile.Read(ref _outboundBytes) > OutboundHighWater)
+                            await WaitForOutboundDrainAsync().ConfigureAwait(false);
                     }
                 }
                 finally
@@ -125,6 +136,23 @@ internal sealed partial class IscsiConnection
         finally
         {
             await CloseAsync("receive loop ended").ConfigureAwait(false);
+        }
+    }
+
+    /// <summary>Waits until the queued responses are down to the low-water mark (or the connection ends).</summary>
+    private async Task WaitForOutboundDrainAsync()
+    {
+        var waiter = new TaskCompletionSource(TaskCreationOptions.RunContinuationsAsynchronously);
+        Interlocked.Exchange(ref _drainWaiter, waiter);   // a full fence: the sender sees it, or we see its progress
+        KickSender();
+        try
+        {
+            if (Volatile.Read(ref _outboundBytes) > OutboundLowWater)
+                await waiter.Task.WaitAsync(_lifetime.Token).ConfigureAwait(false);
+        }
+        finally
+        {
+            Interlocked.CompareExchange(ref _drainWaiter, null, waiter);
         }
     }
 
@@ -248,6 +276,7 @@ internal sealed partial class IscsiConnection
             item.OnSent(this, false);
             return;
         }
+        Interlocked.Add(ref _outboundBytes, item.QueuedBytes);
         _outbound.Enqueue(item);
         if (kick) KickSender();
     }
@@ -279,7 +308,14 @@ internal sealed partial class IscsiConnection
                     continue;
                 }
                 await _transport.SendAsync(batch.Segments).ConfigureAwait(false);
-                foreach (var item in batch.Finished) item.OnSent(this, true);
+                long sentBytes = 0;
+                foreach (var item in batch.Finished)
+                {
+                    sentBytes += item.QueuedBytes;
+                    item.OnSent(this, true);
+                }
+                if (Interlocked.Add(ref _outboundBytes, -sentBytes) <= OutboundLowWater)
+                    Volatile.Read(ref _drainWaiter)?.TrySetResult();
             }
         }
         catch (Exception e)

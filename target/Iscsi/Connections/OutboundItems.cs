@@ -15,6 +15,12 @@ internal abstract class OutboundItem
 
     /// <summary>The bytes went to the transport (<paramref name="sent"/>) or the connection died before.</summary>
     public abstract void OnSent(IscsiConnection connection, bool sent);
+
+    /// <summary>
+    /// Memory this item holds while queued, for the connection's outbound backlog: its header, plus any payload it
+    /// copied. Data-In lives in the command's buffer, charged to the I/O memory budget instead. Constant while queued.
+    /// </summary>
+    public virtual int QueuedBytes => Bhs.Size;
 }
 
 /// <summary>Data-In PDUs (status collapsed into the last when possible) and/or the SCSI Response of one task.</summary>
@@ -141,6 +147,8 @@ internal sealed class R2TItem : OutboundItem
     public R2TItem(IscsiTask task) => _task = task;
 
     public bool InUse;
+    /// <summary>In the connection's send queue: set when queued, cleared once sent or dropped.</summary>
+    public volatile bool Queued;
     public int Generation;
     public uint R2TSN;
     public int Offset;
@@ -165,7 +173,7 @@ internal sealed class R2TItem : OutboundItem
         return true;
     }
 
-    public override void OnSent(IscsiConnection connection, bool sent) { }
+    public override void OnSent(IscsiConnection connection, bool sent) => Queued = false;
 }
 
 /// <summary>
@@ -220,4 +228,6 @@ internal sealed class ControlPduItem : OutboundItem
     }
 
     public override void OnSent(IscsiConnection connection, bool sent) => AfterSend?.Invoke(connection, sent);
+
+    public override int QueuedBytes => Bhs.Size + DataLength;
 }

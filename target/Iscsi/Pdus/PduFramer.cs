@@ -5,7 +5,14 @@ using System.Buffers.Binary;
 namespace ISCSISnap.Target.Iscsi.Pdus;
 
 /// <summary>Per-connection framing limits: negotiated digests and the largest data segment this side accepts.</summary>
-public readonly record struct FramingLimits(bool HeaderDigest, bool DataDigest, int MaxDataSegmentLength, int MaxAhsLength = 1024);
+public readonly record struct FramingLimits(bool HeaderDigest, bool DataDigest, int MaxDataSegmentLength, int MaxAhsLength = FramingLimits.MaxUsefulAhsLength)
+{
+    /// <summary>
+    /// The most AHS a PDU can usefully carry: an extended CDB AHS for a 260-byte CDB (4 + 244 bytes) and a
+    /// bidirectional read length AHS (8). TotalAHSLength can announce up to 1020 bytes; more than this is refused.
+    /// </summary>
+    public const int MaxUsefulAhsLength = 256;
+}
 
 public enum FrameResult
 {

@@ -98,10 +98,20 @@ internal sealed class IscsiTask
     /// <summary>True once every Data-Out byte the initiator will send has arrived.</summary>
     public bool DataOutComplete => !AwaitingUnsolicited && OutstandingR2T == 0 && SolicitNext >= SolicitEnd && Received >= Math.Min(UnsolicitedEnd, DataOutTotal);
 
+    /// <summary>
+    /// An R2T item this command can use. Items of an earlier command in this slot (one that ended while its R2Ts
+    /// were outstanding: broken data sequence, ABORT TASK) count as free; one still waiting in the send queue is
+    /// left there (it emits nothing for a stale generation) and replaced, so it is never queued twice.
+    /// </summary>
     public R2TItem? FreeR2T()
     {
-        foreach (var r2t in R2Ts)
-            if (!r2t.InUse) return r2t;
+        for (int i = 0; i < R2Ts.Length; i++)
+        {
+            var r2t = R2Ts[i];
+            if (r2t.InUse && r2t.Generation == Generation) continue;
+            if (r2t.Queued) R2Ts[i] = r2t = new R2TItem(this);
+            return r2t;
+        }
         return null;
     }
 }

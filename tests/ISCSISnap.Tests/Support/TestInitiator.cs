@@ -71,6 +71,8 @@ public sealed class TestInitiator : IAsyncDisposable
     private readonly PipeWriter _output;
     private readonly Socket? _socket;
     private readonly SemaphoreSlim _sendLock = new(1, 1);
+    /// <summary>Non-immediate commands take their CmdSN and go on the wire one at a time, in call order.</summary>
+    private readonly SemaphoreSlim _commandOrder = new(1, 1);
     private readonly ConcurrentDictionary<uint, PendingCommand> _pending = new();
     private readonly ConcurrentQueue<ReceivedPdu> _unsolicited = new();
     private readonly SemaphoreSlim _unsolicitedSignal = new(0);
@@ -277,8 +279,12 @@ public sealed class TestInitiator : IAsyncDisposable
         public byte[] DataIn = [];
         public int DataInLength;
         public byte[] Sense = [];
-        /// <summary>Data-Out of one command goes out in offset order: each burst waits for the one before.</summary>
-        public Task Sending = Task.CompletedTask;
+        /// <summary>
+        /// The last Data-Out sequence queued for this command. Sequences go out one after another in offset order
+        /// (DataSequenceInOrder=Yes): the unsolicited burst first, then each R2T's, even when an R2T arrives
+        /// before the unsolicited burst is on the wire.
+        /// </summary>
+        public Task DataOutChain = Task.CompletedTask;
     }
 
     /// <summary>Runs a SCSI command: immediate data and unsolicited Data-Out as negotiated, R2Ts answered, Data-In gathered.</summary>
@@ -292,9 +298,9 @@ public sealed class TestInitiator : IAsyncDisposable
             Completion = new TaskCompletionSource<ScsiResult>(TaskCreationOptions.RunContinuationsAsynchronously),
             DataIn = new byte[Math.Max(expectedDataIn, 0)],
         };
-        var unsolicitedSent = new TaskCompletionSource(TaskCreationOptions.RunContinuationsAsynchronously);
-        pending.Sending = unsolicitedSent.Task;
         _pending[itt] = pending;
+        var unsolicitedSent = new TaskCompletionSource(TaskCreationOptions.RunContinuationsAsynchronously);
+        pending.DataOutChain = unsolicitedSent.Task;   // before the command goes out: its R2Ts wait for the unsolicited data
         uint expected = expectedLengthOverride ?? (uint)(dataOut?.Length ?? expectedDataIn);
         int immediateLength = 0;
         bool write = dataOut is not null;
@@ -310,10 +316,21 @@ public sealed class TestInitiator : IAsyncDisposable
         BinaryPrimitives.WriteUInt32BigEndian(header.AsSpan(16), itt);
         BinaryPrimitives.WriteUInt32BigEndian(header.AsSpan(20), expected);
         cdb.AsSpan(0, Math.Min(16, cdb.Length)).CopyTo(header.AsSpan(32));
-        await SendCommandAsync(header, write ? dataOut.AsMemory(0, immediateLength) : default, immediate, cancellationToken);
-
         try
         {
+            if (!immediate) await _commandOrder.WaitAsync(cancellationToken);
+            try
+            {
+                // The target silently ignores commands beyond MaxCmdSN (RFC 7143 §4.2.2.1): wait for the window.
+                if (!immediate) await WaitForCommandWindowAsync(cancellationToken);
+                BinaryPrimitives.WriteUInt32BigEndian(header.AsSpan(24), immediate ? _cmdSN : _cmdSN++);
+                BinaryPrimitives.WriteUInt32BigEndian(header.AsSpan(28), _expStatSN);
+                await SendAsync(header, write ? dataOut.AsMemory(0, immediateLength) : default, cancellationToken);
+            }
+            finally
+            {
+                if (!immediate) _commandOrder.Release();
+            }
             if (unsolicited)
             {
                 int end = (int)Math.Min(Math.Min(expected, (uint)NegotiatedInt("FirstBurstLength", 65536)), (uint)dataOut!.Length);
@@ -326,35 +343,6 @@ public sealed class TestInitiator : IAsyncDisposable
         }
         using var registration = cancellationToken.Register(() => pending.Completion.TrySetCanceled());
         return await pending.Completion.Task;
-    }
-
-    /// <summary>
-    /// Numbers and sends a command under the send lock, so CmdSN order is wire order, and only once the
-    /// target's window (MaxCmdSN) admits it, as RFC 7143 asks of initiators.
-    /// </summary>
-    private async Task SendCommandAsync(byte[] header, ReadOnlyMemory<byte> data, bool immediate, CancellationToken cancellationToken)
-    {
-        while (true)
-        {
-            await _sendLock.WaitAsync(cancellationToken);
-            if (immediate || (int)(_cmdSN - MaxCmdSN) <= 0 || Closed)
-            {
-                try
-                {
-                    BinaryPrimitives.WriteUInt32BigEndian(header.AsSpan(24), immediate ? _cmdSN : _cmdSN++);
-                    BinaryPrimitives.WriteUInt32BigEndian(header.AsSpan(28), _expStatSN);
-                    WriteLocked(header, data);
-                    await _output.FlushAsync(cancellationToken);
-                    return;
-                }
-                finally
-                {
-                    _sendLock.Release();
-                }
-            }
-            _sendLock.Release();
-            await Task.Delay(1, cancellationToken);
-        }
     }
 
     private async Task SendDataOutAsync(uint itt, ulong lun, uint ttt, byte[] data, int offset, int length, CancellationToken cancellationToken)
@@ -376,6 +364,20 @@ public sealed class TestInitiator : IAsyncDisposable
             BinaryPrimitives.WriteUInt32BigEndian(header.AsSpan(40), (uint)position);
             await SendAsync(header, data.AsMemory(position, n), cancellationToken);
         }
+    }
+
+    /// <summary>Waits (up to 10 s, or until the connection closes) until the next CmdSN is within MaxCmdSN.</summary>
+    private async Task WaitForCommandWindowAsync(CancellationToken cancellationToken)
+    {
+        long deadline = Environment.TickCount64 + 10_000;
+        while ((int)(_cmdSN - MaxCmdSN) > 0 && !Closed && Environment.TickCount64 < deadline)
+            await Task.Delay(1, cancellationToken);
+    }
+
+    private async Task SendSolicitedAsync(Task previous, uint itt, ulong lun, uint ttt, byte[] data, int offset, int length)
+    {
+        try { await previous; } catch { /* the earlier sequence failed; the command fails on its own */ }
+        await SendDataOutAsync(itt, lun, ttt, data, offset, length, CancellationToken.None);
     }
 
     public static ulong EncodeLun(ulong lun) => lun < 256 ? lun << 48 : (0x4000UL | lun) << 48;
@@ -425,7 +427,9 @@ public sealed class TestInitiator : IAsyncDisposable
         header[1] = 0x80;
         BinaryPrimitives.WriteUInt32BigEndian(header.AsSpan(16), itt);
         BinaryPrimitives.WriteUInt32BigEndian(header.AsSpan(20), 0xFFFFFFFF);
-        await SendCommandAsync(header, data, immediate, CancellationToken.None);
+        BinaryPrimitives.WriteUInt32BigEndian(header.AsSpan(24), immediate ? _cmdSN : _cmdSN++);
+        BinaryPrimitives.WriteUInt32BigEndian(header.AsSpan(28), _expStatSN);
+        await SendAsync(header, data);
         return (await completion.Task).DataIn;
     }
 
@@ -523,21 +527,9 @@ public sealed class TestInitiator : IAsyncDisposable
 
     public async Task SendAsync(byte[] header, ReadOnlyMemory<byte> data, CancellationToken cancellationToken = default)
     {
+        HeaderLength(header, data.Length);
         await _sendLock.WaitAsync(cancellationToken);
         try
-        {
-            WriteLocked(header, data);
-            await _output.FlushAsync(cancellationToken);
-        }
-        finally
-        {
-            _sendLock.Release();
-        }
-    }
-
-    private void WriteLocked(byte[] header, ReadOnlyMemory<byte> data)
-    {
-        HeaderLength(header, data.Length);
         {
             _output.Write(header);
             if (_headerDigest)
@@ -562,6 +554,11 @@ public sealed class TestInitiator : IAsyncDisposable
                     _output.Write(digest);
                 }
             }
+            await _output.FlushAsync(cancellationToken);
+        }
+        finally
+        {
+            _sendLock.Release();
         }
     }
 
@@ -691,9 +688,7 @@ public sealed class TestInitiator : IAsyncDisposable
                 int offset = (int)BinaryPrimitives.ReadUInt32BigEndian(h.AsSpan(40));
                 int length = (int)BinaryPrimitives.ReadUInt32BigEndian(h.AsSpan(44));
                 length = Math.Min(length, pending.DataOut.Length - offset);
-                var previous = pending.Sending;
-                pending.Sending = previous.ContinueWith(_ => SendDataOutAsync(itt, pending.Lun, ttt, pending.DataOut, offset, length, CancellationToken.None),
-                    TaskScheduler.Default).Unwrap();
+                pending.DataOutChain = SendSolicitedAsync(pending.DataOutChain, itt, pending.Lun, ttt, pending.DataOut, offset, length);
                 break;
             }
             case 0x22:   // TMF response
