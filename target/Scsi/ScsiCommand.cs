@@ -44,6 +44,12 @@ public sealed class ScsiCommand
     /// <summary>Bytes of Data-Out the command needs (may differ from the expected transfer length).</summary>
     public int DataOutLength { get; set; }
 
+    /// <summary>
+    /// The share of the I/O memory budget this command's session may use (besides the appliance-wide
+    /// <see cref="MemoryBudget.Shared"/>), so one session's large transfers cannot starve the others.
+    /// </summary>
+    public MemoryBudget? SessionBudget { get; set; }
+
     /// <summary>Pooled pinned buffer holding Data-In to send, or buffered Data-Out received.</summary>
     public byte[]? Buffer { get; private set; }
     /// <summary>Bytes of Data-In the command produced, from the start of <see cref="Buffer"/>.</summary>
@@ -109,8 +115,14 @@ public sealed class ScsiCommand
         ReleaseBuffer();
         var size = Math.Max(length, 1);
         var array = PinnedBufferPool.Shared.Rent(size);
+        if (SessionBudget is { } session && !session.TryReserve(array.Length))
+        {
+            PinnedBufferPool.Shared.Return(array);
+            return false;
+        }
         if (!MemoryBudget.Shared.TryReserve(array.Length))
         {
+            SessionBudget?.Release(array.Length);
             PinnedBufferPool.Shared.Return(array);
             return false;
         }
@@ -124,6 +136,7 @@ public sealed class ScsiCommand
         {
             Buffer = null;
             MemoryBudget.Shared.Release(buffer.Length);
+            SessionBudget?.Release(buffer.Length);
             PinnedBufferPool.Shared.Return(buffer);
         }
     }

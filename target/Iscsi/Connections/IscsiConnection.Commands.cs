@@ -17,6 +17,8 @@ internal sealed partial class IscsiConnection
         ref readonly var h = ref pdu.Header;
         if (session.Type == SessionType.Discovery)
         {
+            // No SCSI in discovery sessions; the rejected command still used its CmdSN, like every other.
+            if (!h.Immediate && session.Admit(h.CmdSN, false) == IscsiSession.Admission.Accept) session.AdvanceWindow();
             SendReject(h, RejectReason.ProtocolError);
             return default;
         }

@@ -272,15 +272,15 @@ internal sealed partial class IscsiConnection
     {
         var h = pdu.Header;
         var session = Session!;
-        if (session.Type == SessionType.Discovery)
-        {
-            SendReject(h, RejectReason.ProtocolError);
-            return;
-        }
         if (!h.Immediate)
         {
             if (session.Admit(h.CmdSN, false) == IscsiSession.Admission.Ignore) return;
             session.AdvanceWindow();
+        }
+        if (session.Type == SessionType.Discovery)
+        {
+            SendReject(h, RejectReason.ProtocolError);
+            return;
         }
         var function = (TaskManagementFunction)(h.Flags & 0x7F);
         ulong lun = LunAddressing.Decode(h.Lun, out bool lunValid);

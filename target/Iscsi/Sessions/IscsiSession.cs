@@ -54,6 +54,12 @@ internal sealed class IscsiSession
         CreatedAt = DateTimeOffset.UtcNow;
     }
 
+    /// <summary>At most this share of the appliance-wide I/O memory budget goes to one session's buffers.</summary>
+    public const long BufferBudgetBytes = 256L << 20;
+
+    /// <summary>This session's share of I/O buffer memory (commands in flight hold their transfer buffers).</summary>
+    public Storage.Buffers.MemoryBudget Buffers { get; } = new(BufferBudgetBytes);
+
     public ushort Tsih { get; }
     public string InitiatorName { get; }
     public ulong Isid { get; }
@@ -146,6 +152,7 @@ internal sealed class IscsiSession
                 return null;
             }
             task.ResetForCommand();
+            task.Command.SessionBudget = Buffers;
             task.Itt = itt;
             task.Immediate = immediate;
             if (immediate) _immediateInFlight++;

@@ -195,3 +195,31 @@ public sealed class BufferTests
         }
     }
 }
+
+public sealed class SessionBufferBudgetTests
+{
+    [Fact]
+    public void One_session_exhausting_its_share_leaves_buffers_for_another()
+    {
+        var greedy = new ISCSISnap.Storage.Buffers.MemoryBudget(8 << 20);
+        var other = new ISCSISnap.Storage.Buffers.MemoryBudget(8 << 20);
+        var held = new List<ISCSISnap.Target.Scsi.ScsiCommand>();
+        for (int i = 0; i < 2; i++)
+        {
+            var command = new ISCSISnap.Target.Scsi.ScsiCommand { SessionBudget = greedy };
+            Assert.True(command.TryEnsureBuffer(4 << 20));
+            held.Add(command);
+        }
+        var refused = new ISCSISnap.Target.Scsi.ScsiCommand { SessionBudget = greedy };
+        Assert.False(refused.TryEnsureBuffer(4 << 20));          // its share is spent: TASK SET FULL for it
+        Assert.Equal(0, greedy.Available);
+
+        var fine = new ISCSISnap.Target.Scsi.ScsiCommand { SessionBudget = other };
+        Assert.True(fine.TryEnsureBuffer(4 << 20));              // another session is not starved
+        fine.ReleaseBuffer();
+        foreach (var command in held) command.ReleaseBuffer();
+        Assert.Equal(8 << 20, greedy.Available);                  // released back to the session
+        Assert.True(refused.TryEnsureBuffer(4 << 20));
+        refused.ReleaseBuffer();
+    }
+}
