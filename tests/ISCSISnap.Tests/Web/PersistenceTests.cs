@@ -133,4 +133,77 @@ public sealed class PersistenceTests
             Assert.Empty(Directory.GetFiles(Path.Combine(data.Path, "images")));
         }
     }
+
+    [Fact]
+    public async Task Persistent_reservations_with_aptpl_survive_a_restart_and_without_it_do_not()
+    {
+        using var data = new TempDirectory();
+        string aptpl = UniqueTarget("aptpl");
+        string plain = UniqueTarget("no-aptpl");
+        const ulong key = 0x1122334455667788UL;
+
+        static byte[] ProutCdb(byte serviceAction, byte type = 0) => [0x5F, serviceAction, type, 0, 0, 0, 0, 0, 24, 0];
+        static byte[] Parameters(ulong reservationKey, ulong serviceActionKey, bool aptpl)
+        {
+            var p = new byte[24];
+            System.Buffers.Binary.BinaryPrimitives.WriteUInt64BigEndian(p, reservationKey);
+            System.Buffers.Binary.BinaryPrimitives.WriteUInt64BigEndian(p.AsSpan(8), serviceActionKey);
+            p[20] = (byte)(aptpl ? 0x01 : 0);
+            return p;
+        }
+        static async Task<(uint Generation, ulong[] Keys)> ReadKeysAsync(TestInitiator initiator)
+        {
+            var result = await initiator.RunAsync([0x5E, 0x00, 0, 0, 0, 0, 0, 0x01, 0x00, 0], expectedDataIn: 256);
+            Assert.True(result.Good);
+            uint generation = System.Buffers.Binary.BinaryPrimitives.ReadUInt32BigEndian(result.DataIn);
+            int length = (int)System.Buffers.Binary.BinaryPrimitives.ReadUInt32BigEndian(result.DataIn.AsSpan(4));
+            var keys = Enumerable.Range(0, length / 8).Select(i => System.Buffers.Binary.BinaryPrimitives.ReadUInt64BigEndian(result.DataIn.AsSpan(8 + 8 * i))).ToArray();
+            return (generation, keys);
+        }
+
+        var first = await ApplianceProcess.StartAsync(dataDirectory: data.Path);
+        try
+        {
+            await first.CreateTargetAsync(aptpl, 1L << 20);
+            await first.CreateTargetAsync(plain, 1L << 20);
+            foreach (var (target, persist) in new[] { (aptpl, true), (plain, false) })
+            {
+                await using var initiator = await LoginAsync(first, target);
+                Assert.True((await initiator.RunAsync(ProutCdb(0x00), dataOut: Parameters(0, key, persist))).Good);            // REGISTER
+                Assert.True((await initiator.RunAsync(ProutCdb(0x01, type: 5), dataOut: Parameters(key, 0, false))).Good);     // RESERVE WERO
+                Assert.Equal(new[] { key }, (await ReadKeysAsync(initiator)).Keys);
+            }
+            Assert.Equal(0, await first.StopAsync());
+        }
+        finally
+        {
+            await first.DisposeAsync();
+        }
+
+        var second = await ApplianceProcess.StartAsync(dataDirectory: data.Path);
+        try
+        {
+            await using (var initiator = await LoginAsync(second, aptpl, "iqn.2026-11.io.iscsisnap.test:another-node"))
+            {
+                var (generation, keys) = await ReadKeysAsync(initiator);
+                Assert.Equal(new[] { key }, keys);
+                Assert.Equal(1u, generation);
+                var reservation = await initiator.RunAsync([0x5E, 0x01, 0, 0, 0, 0, 0, 0, 64, 0], expectedDataIn: 64);
+                Assert.Equal(16u, System.Buffers.Binary.BinaryPrimitives.ReadUInt32BigEndian(reservation.DataIn.AsSpan(4)));
+                Assert.Equal(key, System.Buffers.Binary.BinaryPrimitives.ReadUInt64BigEndian(reservation.DataIn.AsSpan(8)));
+                Assert.Equal(5, reservation.DataIn[21] & 0x0F);
+                // The reservation is enforced: another (unregistered) node cannot write under WRITE EXCLUSIVE, REGISTRANTS ONLY.
+                var write = await initiator.RunAsync(Cdb.Write10(0, 1), dataOut: new byte[512]);
+                Assert.Equal(0x18, write.Status);
+            }
+            await using (var initiator = await LoginAsync(second, plain))
+            {
+                Assert.Empty((await ReadKeysAsync(initiator)).Keys);   // APTPL was not set: registrations died with the process
+            }
+        }
+        finally
+        {
+            await second.DisposeAsync();
+        }
+    }
 }
