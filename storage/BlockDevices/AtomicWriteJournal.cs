@@ -1,8 +1,6 @@
 using System.Buffers.Binary;
+using ISCSISnap.Storage.Files;
 using ISCSISnap.Storage.Integrity;
-using System.Runtime.InteropServices;
-using ISCSISnap.Storage.Native;
-using Microsoft.Win32.SafeHandles;
 
 namespace ISCSISnap.Storage.BlockDevices;
 
@@ -18,30 +16,29 @@ internal sealed class AtomicWriteJournal : IDisposable
     private const int HeaderSize = 4096;
     private static ReadOnlySpan<byte> Magic => "ISNPAJ01"u8;
 
-    private readonly SafeFileHandle _journal;
-    private readonly int _journalFd;
+    private readonly ImageFile _journal;
+    private readonly ImageFile _image;
     private readonly SemaphoreSlim _one = new(1, 1);
     private readonly byte[] _record = GC.AllocateUninitializedArray<byte>(HeaderSize + MaxDataBytes, pinned: true);
     private ulong _sequence;
 
-    private AtomicWriteJournal(string path, SafeFileHandle journal)
+    private AtomicWriteJournal(ImageFile journal, ImageFile image)
     {
-        Path = path;
         _journal = journal;
-        _journalFd = (int)journal.DangerousGetHandle();
+        _image = image;
     }
 
-    public string Path { get; }
+    public string Path => _journal.Path;
 
     /// <summary>Opens (creating if needed) the journal of an image and replays a committed record into it.</summary>
-    public static AtomicWriteJournal Open(string imagePath, int imageFd)
+    public static AtomicWriteJournal Open(string imagePath, ImageFile image)
     {
         string path = imagePath + ".atomic";
-        var handle = File.OpenHandle(path, FileMode.OpenOrCreate, FileAccess.ReadWrite, FileShare.Read);
-        var journal = new AtomicWriteJournal(path, handle);
+        var file = File.Exists(path) ? ImageFile.Open(path, readOnly: false) : ImageFile.Create(path, 0);
+        var journal = new AtomicWriteJournal(file, image);
         try
         {
-            journal.Replay(imageFd);
+            journal.Replay();
         }
         catch
         {
@@ -51,11 +48,10 @@ internal sealed class AtomicWriteJournal : IDisposable
         return journal;
     }
 
-    private void Replay(int imageFd)
+    private void Replay()
     {
         var header = new byte[HeaderSize];
-        int read = RandomAccess.Read(_journal, header, 0);
-        if (read < HeaderSize || !header.AsSpan(0, 8).SequenceEqual(Magic)) return;
+        if (_journal.Length < HeaderSize || _journal.ReadExact(0, header) != IoStatus.Ok || !header.AsSpan(0, 8).SequenceEqual(Magic)) return;
         uint headerCrc = BinaryPrimitives.ReadUInt32LittleEndian(header.AsSpan(36));
         if (Crc32C.Compute(header.AsSpan(0, 36)) != headerCrc) return;   // torn header: never committed
         _sequence = BinaryPrimitives.ReadUInt64LittleEndian(header.AsSpan(8));
@@ -65,21 +61,22 @@ internal sealed class AtomicWriteJournal : IDisposable
         if (length <= 0 || length > MaxDataBytes || offset < 0)
             throw new StorageException(Path, "atomic-write journal header is inconsistent");
         var data = new byte[length];
-        if (RandomAccess.Read(_journal, data, HeaderSize) != length || Crc32C.Compute(data) != dataCrc)
+        if (_journal.Length < HeaderSize + length || _journal.ReadExact(HeaderSize, data) != IoStatus.Ok || Crc32C.Compute(data) != dataCrc)
             return;   // the record was never fully committed: the in-place data was not touched
-        int errno = VectoredIo.WriteAll(imageFd, offset, data, 0);
-        if (errno != 0 || LinuxFile.FDataSync(imageFd) != 0)
-            throw new StorageException(Path, $"replaying the atomic-write journal failed (errno {(errno != 0 ? errno : Marshal.GetLastPInvokeError())})");
-        Invalidate();
+        int errno = _image.Write(offset, data);
+        if (errno == 0) errno = _image.SyncDataNow();
+        if (errno != 0) throw new StorageException(Path, $"replaying the atomic-write journal failed (errno {errno})");
+        errno = Invalidate();
+        if (errno != 0) throw new StorageException(Path, $"retiring the atomic-write journal failed (errno {errno})");
     }
 
-    public async ValueTask<int> WriteAsync(int imageFd, long offset, ReadOnlyMemory<byte> data, CancellationToken cancellationToken)
+    public async ValueTask<int> WriteAsync(long offset, ReadOnlyMemory<byte> data, CancellationToken cancellationToken)
     {
-        if (data.Length > MaxDataBytes) return LinuxFile.EIO;
+        if (data.Length > MaxDataBytes) return Native.LinuxFile.EIO;
         await _one.WaitAsync(cancellationToken).ConfigureAwait(false);
         try
         {
-            return await Task.Run(() => Commit(imageFd, offset, data), CancellationToken.None).ConfigureAwait(false);
+            return await Task.Run(() => Commit(offset, data), CancellationToken.None).ConfigureAwait(false);
         }
         finally
         {
@@ -87,7 +84,7 @@ internal sealed class AtomicWriteJournal : IDisposable
         }
     }
 
-    private int Commit(int imageFd, long offset, ReadOnlyMemory<byte> data)
+    private int Commit(long offset, ReadOnlyMemory<byte> data)
     {
         var record = _record.AsSpan(0, HeaderSize + data.Length);
         record.Slice(0, HeaderSize).Clear();
@@ -100,23 +97,21 @@ internal sealed class AtomicWriteJournal : IDisposable
         data.Span.CopyTo(record.Slice(HeaderSize));
 
         // 1. the redo record, durable
-        int errno = VectoredIo.WriteAll(_journalFd, 0, new ReadOnlyMemory<byte>(_record, 0, record.Length), 0);
+        int errno = _journal.Write(0, record);
+        if (errno == 0) errno = _journal.SyncDataNow();
         if (errno != 0) return errno;
-        if (LinuxFile.FDataSync(_journalFd) != 0) return Marshal.GetLastPInvokeError();
         // 2. the data in place, durable
-        errno = VectoredIo.WriteAll(imageFd, offset, data, 0);
+        errno = _image.Write(offset, data.Span);
+        if (errno == 0) errno = _image.SyncDataNow();
         if (errno != 0) return errno;
-        if (LinuxFile.FDataSync(imageFd) != 0) return Marshal.GetLastPInvokeError();
         // 3. the record retired, durable (a stale record must never be replayed over later writes)
         return Invalidate();
     }
 
     private int Invalidate()
     {
-        var zeros = new byte[64];
-        int errno = VectoredIo.WriteAll(_journalFd, 0, zeros, 0);
-        if (errno != 0) return errno;
-        return LinuxFile.FDataSync(_journalFd) == 0 ? 0 : Marshal.GetLastPInvokeError();
+        int errno = _journal.Write(0, new byte[64]);
+        return errno != 0 ? errno : _journal.SyncDataNow();
     }
 
     public void Dispose()

@@ -61,22 +61,30 @@ internal static unsafe class VectoredIo
     public static int WriteAll(int fd, long offset, ReadOnlyMemory<byte> data, int flags)
     {
         using var pin = data.Pin();
-        byte* p = (byte*)pin.Pointer;
-        int done = 0;
-        while (done < data.Length)
+        return WriteAll(fd, offset, new ReadOnlySpan<byte>(pin.Pointer, data.Length), flags);
+    }
+
+    /// <summary>Writes all of <paramref name="data"/> at <paramref name="offset"/>. Returns 0 or an errno.</summary>
+    public static int WriteAll(int fd, long offset, ReadOnlySpan<byte> data, int flags)
+    {
+        fixed (byte* p = data)
         {
-            var v = new LinuxFile.IoVec { Base = p + done, Length = (nuint)(data.Length - done) };
-            nint n = LinuxFile.PWriteV2(fd, &v, 1, offset + done, flags);
-            if (n < 0)
+            int done = 0;
+            while (done < data.Length)
             {
-                int errno = Marshal.GetLastPInvokeError();
-                if (errno == LinuxFile.EINTR) continue;
-                return errno;
+                var v = new LinuxFile.IoVec { Base = p + done, Length = (nuint)(data.Length - done) };
+                nint n = LinuxFile.PWriteV2(fd, &v, 1, offset + done, flags);
+                if (n < 0)
+                {
+                    int errno = Marshal.GetLastPInvokeError();
+                    if (errno == LinuxFile.EINTR) continue;
+                    return errno;
+                }
+                if (n == 0) return LinuxFile.EIO;
+                done += (int)n;
             }
-            if (n == 0) return LinuxFile.EIO;
-            done += (int)n;
+            return 0;
         }
-        return 0;
     }
 
     /// <summary>
