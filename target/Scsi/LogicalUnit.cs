@@ -1,4 +1,5 @@
 using System.Buffers;
+using ISCSISnap.Storage.Concurrency;
 using System.Buffers.Binary;
 using System.Collections.Concurrent;
 using ISCSISnap.Storage.BlockDevices;

@@ -1,4 +1,4 @@
-namespace ISCSISnap.Target.Scsi;
+namespace ISCSISnap.Storage.Concurrency;
 
 /// <summary>
 /// An asynchronous shared/exclusive gate whose shared side costs two interlocked operations when no exclusive
@@ -6,7 +6,7 @@ namespace ISCSISnap.Target.Scsi;
 /// WRITE ATOMIC, ORDERED tasks) wait for the shared holders present when they arrive and block new ones.
 /// Threading: thread-safe; exclusive holders are served one at a time.
 /// </summary>
-internal sealed class SharedExclusiveGate
+public sealed class SharedExclusiveGate
 {
     private readonly SemaphoreSlim _exclusiveMutex = new(1, 1);
     private int _shared;
