@@ -5,9 +5,10 @@ using ISCSISnap.Storage.Integrity;
 namespace ISCSISnap.Storage.BlockDevices;
 
 /// <summary>
-/// A one-record redo journal beside an image that makes a bounded write all-or-nothing across crashes:
-/// the record (header, data, checksums) is made durable, then the data is written in place and made durable,
-/// then the record is invalidated durably. Opening replays a valid record left by a crash.
+/// A one-record redo journal beside a device that makes a bounded write all-or-nothing across crashes:
+/// the record (header, data, checksums) is made durable, then the data is written in place durably (through
+/// the device's own write path, so a chain maps it like any other write), then the record is invalidated
+/// durably. Opening replays a valid record left by a crash.
 /// Threading: one atomic write at a time (an internal semaphore).
 /// </summary>
 internal sealed class AtomicWriteJournal : IDisposable
@@ -17,25 +18,36 @@ internal sealed class AtomicWriteJournal : IDisposable
     private static ReadOnlySpan<byte> Magic => "ISNPAJ01"u8;
 
     private readonly ImageFile _journal;
-    private readonly ImageFile _image;
+    private readonly Func<long, ReadOnlyMemory<byte>, ValueTask<IoStatus>> _applyDurably;
     private readonly SemaphoreSlim _one = new(1, 1);
     private readonly byte[] _record = GC.AllocateUninitializedArray<byte>(HeaderSize + MaxDataBytes, pinned: true);
     private ulong _sequence;
 
-    private AtomicWriteJournal(ImageFile journal, ImageFile image)
+    private AtomicWriteJournal(ImageFile journal, Func<long, ReadOnlyMemory<byte>, ValueTask<IoStatus>> applyDurably)
     {
         _journal = journal;
-        _image = image;
+        _applyDurably = applyDurably;
     }
 
     public string Path => _journal.Path;
 
-    /// <summary>Opens (creating if needed) the journal of an image and replays a committed record into it.</summary>
-    public static AtomicWriteJournal Open(string imagePath, ImageFile image)
+    /// <summary>Opens (creating if needed) the journal of an image file and replays a committed record into it.</summary>
+    public static AtomicWriteJournal Open(string imagePath, ImageFile image) =>
+        Open(imagePath + ".atomic", (offset, data) =>
+        {
+            int errno = image.Write(offset, data.Span);
+            if (errno == 0) errno = image.SyncDataNow();
+            return new(ImageFile.MapWriteError(errno));
+        });
+
+    /// <summary>
+    /// Opens (creating if needed) the journal at <paramref name="path"/> and replays a committed record through
+    /// <paramref name="applyDurably"/>, which must write the data and make it durable before completing.
+    /// </summary>
+    public static AtomicWriteJournal Open(string path, Func<long, ReadOnlyMemory<byte>, ValueTask<IoStatus>> applyDurably)
     {
-        string path = imagePath + ".atomic";
         var file = File.Exists(path) ? ImageFile.Open(path, readOnly: false) : ImageFile.Create(path, 0);
-        var journal = new AtomicWriteJournal(file, image);
+        var journal = new AtomicWriteJournal(file, applyDurably);
         try
         {
             journal.Replay();
@@ -63,20 +75,25 @@ internal sealed class AtomicWriteJournal : IDisposable
         var data = new byte[length];
         if (_journal.Length < HeaderSize + length || _journal.ReadExact(HeaderSize, data) != IoStatus.Ok || Crc32C.Compute(data) != dataCrc)
             return;   // the record was never fully committed: the in-place data was not touched
-        int errno = _image.Write(offset, data);
-        if (errno == 0) errno = _image.SyncDataNow();
-        if (errno != 0) throw new StorageException(Path, $"replaying the atomic-write journal failed (errno {errno})");
-        errno = Invalidate();
+        var applied = _applyDurably(offset, data).AsTask().GetAwaiter().GetResult();
+        if (applied != IoStatus.Ok) throw new StorageException(Path, $"replaying the atomic-write journal failed ({applied})");
+        int errno = Invalidate();
         if (errno != 0) throw new StorageException(Path, $"retiring the atomic-write journal failed (errno {errno})");
     }
 
-    public async ValueTask<int> WriteAsync(long offset, ReadOnlyMemory<byte> data, CancellationToken cancellationToken)
+    public async ValueTask<IoStatus> WriteAsync(long offset, ReadOnlyMemory<byte> data, CancellationToken cancellationToken)
     {
-        if (data.Length > MaxDataBytes) return Native.LinuxFile.EIO;
+        if (data.Length > MaxDataBytes) return IoStatus.OutOfRange;
         await _one.WaitAsync(cancellationToken).ConfigureAwait(false);
         try
         {
-            return await Task.Run(() => Commit(offset, data), CancellationToken.None).ConfigureAwait(false);
+            // The record is written and synced off the caller's I/O thread.
+            int errno = await Task.Run(() => Record(offset, data), CancellationToken.None).ConfigureAwait(false);
+            if (errno != 0) return ImageFile.MapWriteError(errno);
+            var status = await _applyDurably(offset, data).ConfigureAwait(false);
+            if (status != IoStatus.Ok) return status;
+            // the record retired, durable (a stale record must never be replayed over later writes)
+            return ImageFile.MapWriteError(await Task.Run(Invalidate, CancellationToken.None).ConfigureAwait(false));
         }
         finally
         {
@@ -84,7 +101,7 @@ internal sealed class AtomicWriteJournal : IDisposable
         }
     }
 
-    private int Commit(long offset, ReadOnlyMemory<byte> data)
+    private int Record(long offset, ReadOnlyMemory<byte> data)
     {
         var record = _record.AsSpan(0, HeaderSize + data.Length);
         record.Slice(0, HeaderSize).Clear();
@@ -96,16 +113,9 @@ internal sealed class AtomicWriteJournal : IDisposable
         BinaryPrimitives.WriteUInt32LittleEndian(record.Slice(36), Crc32C.Compute(record.Slice(0, 36)));
         data.Span.CopyTo(record.Slice(HeaderSize));
 
-        // 1. the redo record, durable
+        // the redo record, durable, before the data is touched in place
         int errno = _journal.Write(0, record);
-        if (errno == 0) errno = _journal.SyncDataNow();
-        if (errno != 0) return errno;
-        // 2. the data in place, durable
-        errno = _image.Write(offset, data.Span);
-        if (errno == 0) errno = _image.SyncDataNow();
-        if (errno != 0) return errno;
-        // 3. the record retired, durable (a stale record must never be replayed over later writes)
-        return Invalidate();
+        return errno == 0 ? _journal.SyncDataNow() : errno;
     }
 
     private int Invalidate()

@@ -156,8 +156,7 @@ public sealed class FileBlockDevice : IBlockDevice
                 return IoStatus.WriteError;
             }
         }
-        int errno = await journal.WriteAsync(offset, data, cancellationToken).ConfigureAwait(false);
-        return ImageFile.MapWriteError(errno);
+        return await journal.WriteAsync(offset, data, cancellationToken).ConfigureAwait(false);
     }
 
     public ValueTask<IoStatus> GrowAsync(long newLength, CancellationToken cancellationToken = default)
