@@ -10,6 +10,9 @@ using Serilog;
 using Serilog.Events;
 using Serilog.Formatting.Compact;
 
+if (args.Length > 0 && args[0] == "disk")
+    return await ISCSISnap.Web.Cli.DiskCli.RunAsync(args[1..], Console.Out, Console.Error);
+
 var commandLine = CommandLine.Parse(args, out var argumentError);
 if (argumentError is not null)
 {
@@ -105,7 +108,11 @@ namespace ISCSISnap.Web
             builder.Services.AddSingleton<TargetRegistry>();
             builder.Services.AddSingleton(sp => new IscsiPortal(options.Iscsi, sp.GetRequiredService<TargetRegistry>(),
                 sp.GetRequiredService<ILoggerFactory>(), sp.GetRequiredService<ITargetMetrics>()));
+            builder.Services.AddSingleton(_ => ISCSISnap.Storage.Disks.DiskManager.Open(Path.Combine(options.DataDirectory, "disks")));
             builder.Services.AddSingleton<TargetService>();
+            builder.Services.AddSingleton<JobService>();
+            builder.Services.AddSingleton<DiskService>();
+            builder.Services.ConfigureHttpJsonOptions(o => o.SerializerOptions.Converters.Add(new System.Text.Json.Serialization.JsonStringEnumConverter()));
             builder.Services.AddHostedService<ApplianceService>();
             configure?.Invoke(builder.Services);
 
@@ -125,6 +132,7 @@ namespace ISCSISnap.Web
             }));
             app.MapMetrics("/metrics", registry);
             ManagementApi.Map(app);
+            DiskApi.Map(app);
             return app;
         }
 

@@ -79,6 +79,7 @@ public readonly record struct SenseCode(SenseKey Key, byte Asc, byte Ascq)
     public static readonly SenseCode ReservationsReleased = new(SenseKey.UnitAttention, 0x2A, 0x04);
     public static readonly SenseCode RegistrationsPreempted = new(SenseKey.UnitAttention, 0x2A, 0x05);
     public static readonly SenseCode CapacityDataChanged = new(SenseKey.UnitAttention, 0x2A, 0x09);
+    public static readonly SenseCode MediumMayHaveChanged = new(SenseKey.UnitAttention, 0x28, 0x00);
     public static readonly SenseCode CommandsClearedByAnotherInitiator = new(SenseKey.UnitAttention, 0x2F, 0x00);
     public static readonly SenseCode CommandsClearedByPowerLoss = new(SenseKey.UnitAttention, 0x2F, 0x02);
     public static readonly SenseCode ReportedLunsDataChanged = new(SenseKey.UnitAttention, 0x3F, 0x0E);

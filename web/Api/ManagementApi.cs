@@ -8,10 +8,10 @@ using ISCSISnap.Web.Configuration;
 namespace ISCSISnap.Web.Api;
 
 public sealed record ChapUserDto(string UserName);
-public sealed record LunDto(int Lun, long SizeBytes, int BlockSize, string Image, bool Managed, bool ReadOnly, string Naa, string Serial);
+public sealed record LunDto(int Lun, long SizeBytes, int BlockSize, Guid Disk, string? Image, bool Managed, bool ReadOnly, string Naa, string Serial);
 public sealed record TargetDto(string Name, string? Alias, IReadOnlyList<string> AllowedInitiators, ChapUserDto? Chap, ChapUserDto? MutualChap, IReadOnlyList<LunDto> Luns, int Sessions);
 public sealed record CreateTargetRequest(string? Name, string? Alias, List<string>? AllowedInitiators, ChapCredentials? Chap, ChapCredentials? MutualChap);
-public sealed record CreateLunRequest(int? Lun, long? SizeBytes, string? Image, int? BlockSize, bool? ReadOnly);
+public sealed record CreateLunRequest(int? Lun, long? SizeBytes, string? Image, string? Disk, int? BlockSize, bool? ReadOnly);
 public sealed record UpdateLunRequest(long? SizeBytes);
 public sealed record AclDto(List<string>? AllowedInitiators);
 public sealed record ChapRequest(ChapCredentials? Chap, ChapCredentials? MutualChap);
@@ -68,7 +68,7 @@ public static class ManagementApi
         {
             var body = await ReadBodyAsync<CreateLunRequest>(request);
             if (body.Lun is not { } lun) throw ApplianceError.Invalid("lun", "lun is required (0-16383)");
-            var (unit, record) = await targets.AddLunAsync(iqn, lun, body.SizeBytes, body.Image, body.BlockSize ?? 512, body.ReadOnly ?? false);
+            var (unit, record) = await targets.AddLunAsync(iqn, lun, body.SizeBytes, body.Image, body.Disk, body.BlockSize ?? 512, body.ReadOnly ?? false);
             var target = targets.GetTarget(iqn);
             return Results.Created($"/api/v1/targets/{Uri.EscapeDataString(target.Name)}/luns/{lun}", ToDto((ulong)lun, unit, record));
         });
@@ -141,11 +141,11 @@ public static class ManagementApi
         portal.GetSessions().Count(s => string.Equals(s.TargetName, target.Name, StringComparison.OrdinalIgnoreCase)));
 
     private static LunDto ToDto(ulong lun, LogicalUnit unit, LunRecord? record) => new(
-        (int)lun, unit.Device.Length, unit.BlockSize, record?.ImagePath ?? "", record?.Managed ?? false,
+        (int)lun, unit.Device.Length, unit.BlockSize, record?.DiskId ?? Guid.Empty, record?.ImagePath is { Length: > 0 } image ? image : null, record?.Managed ?? false,
         unit.WriteProtected, unit.Identity.NaaHex, unit.Identity.Serial);
 
     /// <summary>Reads a JSON body; malformed JSON becomes a 400 naming the path at fault.</summary>
-    private static async Task<T> ReadBodyAsync<T>(HttpRequest request) where T : class
+    internal static async Task<T> ReadBodyAsync<T>(HttpRequest request) where T : class
     {
         if (request.ContentType is null || !request.ContentType.StartsWith("application/json", StringComparison.OrdinalIgnoreCase))
             throw new ApplianceError(415, "Unsupported media type", "send the body as application/json");

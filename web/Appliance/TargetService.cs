@@ -1,5 +1,7 @@
 using System.Collections.Immutable;
 using ISCSISnap.Storage.BlockDevices;
+using ISCSISnap.Storage.Chains;
+using ISCSISnap.Storage.Disks;
 using ISCSISnap.Target.Hosting;
 using ISCSISnap.Target.Scsi;
 using ISCSISnap.Web.Catalog;
@@ -9,12 +11,14 @@ namespace ISCSISnap.Web.Appliance;
 
 /// <summary>
 /// Owns the live targets and LUNs: loads them from the catalog at start, applies appliance.json declarations,
-/// and carries out management requests so the catalog and the running target never disagree.
+/// and carries out management requests so the catalog and the running target never disagree. Every LUN serves
+/// a disk of the <see cref="DiskManager"/> (a snapshot chain); the LUN's device is the disk's attached chain.
 /// Threading: management operations are serialised by one lock; the iSCSI data path never takes it.
 /// </summary>
 public sealed class TargetService : IAsyncDisposable
 {
     private readonly ApplianceCatalog _catalog;
+    private readonly DiskManager _disks;
     private readonly TargetRegistry _registry;
     private readonly IscsiPortal _portal;
     private readonly ApplianceOptions _options;
@@ -23,33 +27,32 @@ public sealed class TargetService : IAsyncDisposable
     private readonly Dictionary<string, LunRecord> _lunRecords = new();
     private readonly CopyTargetResolver _copyTargets;
 
-    public TargetService(ApplianceCatalog catalog, TargetRegistry registry, IscsiPortal portal, ApplianceOptions options, ILogger<TargetService> log)
+    public TargetService(ApplianceCatalog catalog, DiskManager disks, TargetRegistry registry, IscsiPortal portal, ApplianceOptions options, ILogger<TargetService> log)
     {
         _catalog = catalog;
+        _disks = disks;
         _registry = registry;
         _portal = portal;
         _options = options;
         _log = log;
         _copyTargets = new CopyTargetResolver(registry);
-        ImagesDirectory = System.IO.Path.Combine(options.DataDirectory, "images");
     }
 
-    public string ImagesDirectory { get; }
     public TargetRegistry Registry => _registry;
+    public DiskManager Disks => _disks;
 
     /// <summary>Brings up every catalogued target and LUN, creating the demo target on a new catalog and applying declared targets.</summary>
     public async Task LoadAsync()
     {
-        Directory.CreateDirectory(ImagesDirectory);
         if (_catalog.IsNew && _options.DemoTarget is { } demo && _catalog.FindTarget(demo.Name) is null)
         {
             var target = new TargetRecord { Id = demo.Name.ToLowerInvariant(), Name = demo.Name, Alias = demo.Alias, CreatedAt = DateTime.UtcNow };
             _catalog.SaveTarget(target);
-            var lun = CreateManagedImage(target.Id, 0, demo.SizeBytes, 512);
+            var lun = await NewDiskLunAsync(target.Id, 0, demo.SizeBytes, 512);
             _catalog.SaveLun(lun);
             Log.DemoTargetCreated(_log, demo.Name, demo.SizeBytes);
         }
-        foreach (var declared in _options.Targets) ApplyDeclaration(declared);
+        foreach (var declared in _options.Targets) await ApplyDeclarationAsync(declared);
 
         foreach (var record in _catalog.Targets())
         {
@@ -59,19 +62,28 @@ public sealed class TargetService : IAsyncDisposable
             {
                 try
                 {
-                    AttachLun(target, lun);
+                    if (lun.DiskId == Guid.Empty) await MigrateAsync(lun);
+                    await AttachLunAsync(target, lun);
                 }
-                catch (StorageException e)
+                catch (Exception e) when (e is StorageException or DiskException)
                 {
                     // One broken image must not keep the others offline; the log says which and why.
                     Log.LunUnavailable(_log, record.Name, lun.Lun, e.Message);
                 }
             }
         }
-        await Task.CompletedTask;
     }
 
-    private void ApplyDeclaration(TargetDeclaration declared)
+    /// <summary>A LUN catalogued before disks existed served a raw image: that image becomes the base of a disk.</summary>
+    private async Task MigrateAsync(LunRecord lun)
+    {
+        var disk = await _disks.ImportAsync(await FreeDiskNameAsync(lun.TargetId, lun.Lun), lun.ImagePath, lun.BlockSize);
+        lun.DiskId = disk.Id;
+        _catalog.SaveLun(lun);
+        Log.LunMigrated(_log, lun.TargetId, lun.Lun, lun.ImagePath, disk.Name);
+    }
+
+    private async Task ApplyDeclarationAsync(TargetDeclaration declared)
     {
         string id = declared.Name.ToLowerInvariant();
         var record = _catalog.FindTarget(id) ?? new TargetRecord { Id = id, Name = declared.Name, CreatedAt = DateTime.UtcNow };
@@ -86,8 +98,8 @@ public sealed class TargetService : IAsyncDisposable
         foreach (var lun in declared.Luns.Where(l => !existing.Contains(l.Lun)))
         {
             var lunRecord = lun.Image is { } image
-                ? ExternalImage(id, lun.Lun, image, lun.BlockSize, lun.ReadOnly)
-                : CreateManagedImage(id, lun.Lun, lun.SizeBytes, lun.BlockSize, lun.ReadOnly);
+                ? await ImportedDiskLunAsync(id, lun.Lun, image, lun.BlockSize, lun.ReadOnly)
+                : await NewDiskLunAsync(id, lun.Lun, lun.SizeBytes, lun.BlockSize, lun.ReadOnly);
             _catalog.SaveLun(lunRecord);
         }
     }
@@ -97,32 +109,37 @@ public sealed class TargetService : IAsyncDisposable
         record.ChapUserName is { } user ? new ChapCredentials(user, record.ChapSecret!) : null,
         record.MutualChapUserName is { } mutual ? new ChapCredentials(mutual, record.MutualChapSecret!) : null);
 
-    private LunRecord CreateManagedImage(string targetId, int lun, long sizeBytes, int blockSize, bool readOnly = false)
+    /// <summary>A disk name for a LUN's own disk: the target's short name and the LUN ("demo-lun0"), made unique.</summary>
+    private Task<string> FreeDiskNameAsync(string targetId, int lun)
     {
-        var unitId = Guid.NewGuid();
-        string path = System.IO.Path.Combine(ImagesDirectory, $"{unitId:N}.img");
-        using (FileBlockDevice.Create(path, sizeBytes, blockSize).AsDisposable()) { }
-        return new LunRecord
-        {
-            Id = LunRecord.KeyOf(targetId, lun), TargetId = targetId, Lun = lun, UnitId = unitId, ImagePath = System.IO.Path.GetFullPath(path),
-            Managed = true, SizeBytes = sizeBytes, BlockSize = blockSize, ReadOnly = readOnly, CreatedAt = DateTime.UtcNow,
-        };
+        int colon = targetId.LastIndexOf(':');
+        string stem = $"{(colon >= 0 ? targetId[(colon + 1)..] : targetId)}-lun{lun}";
+        string name = stem;
+        for (int i = 2; _disks.FindDisk(name) is not null; i++) name = $"{stem}-{i}";
+        return Task.FromResult(name);
     }
 
-    private static LunRecord ExternalImage(string targetId, int lun, string image, int blockSize, bool readOnly)
+    private async Task<LunRecord> NewDiskLunAsync(string targetId, int lun, long sizeBytes, int blockSize, bool readOnly = false)
     {
-        string path = System.IO.Path.GetFullPath(image);
-        using var probe = FileBlockDevice.Open(path, blockSize, readOnly: true).AsDisposable();
-        return new LunRecord
-        {
-            Id = LunRecord.KeyOf(targetId, lun), TargetId = targetId, Lun = lun, UnitId = Guid.NewGuid(), ImagePath = path,
-            Managed = false, SizeBytes = probe.Device.Length, BlockSize = blockSize, ReadOnly = readOnly, CreatedAt = DateTime.UtcNow,
-        };
+        var disk = await _disks.CreateAsync(await FreeDiskNameAsync(targetId, lun), sizeBytes, blockSize);
+        return NewLunRecord(targetId, lun, disk, image: "", managed: true, blockSize, readOnly);
     }
 
-    private LogicalUnit AttachLun(IscsiTarget target, LunRecord record)
+    private async Task<LunRecord> ImportedDiskLunAsync(string targetId, int lun, string image, int blockSize, bool readOnly)
     {
-        var device = FileBlockDevice.Open(record.ImagePath, record.BlockSize, record.ReadOnly);
+        var disk = await _disks.ImportAsync(await FreeDiskNameAsync(targetId, lun), System.IO.Path.GetFullPath(image), blockSize);
+        return NewLunRecord(targetId, lun, disk, System.IO.Path.GetFullPath(image), managed: true, blockSize, readOnly);
+    }
+
+    private static LunRecord NewLunRecord(string targetId, int lun, DiskInfo disk, string image, bool managed, int blockSize, bool readOnly) => new()
+    {
+        Id = LunRecord.KeyOf(targetId, lun), TargetId = targetId, Lun = lun, UnitId = Guid.NewGuid(), DiskId = disk.Id, ImagePath = image,
+        Managed = managed, SizeBytes = disk.SizeBytes, BlockSize = blockSize, ReadOnly = readOnly, CreatedAt = DateTime.UtcNow,
+    };
+
+    private async Task<LogicalUnit> AttachLunAsync(IscsiTarget target, LunRecord record)
+    {
+        var device = await _disks.AttachAsync(record.DiskId, record.ReadOnly);
         var unit = new LogicalUnit(new LogicalUnitIdentity(record.UnitId), device,
             new LogicalUnitOptions { MaxTransferBytes = _options.Iscsi.MaxTransferBytes, ReadOnly = record.ReadOnly },
             _catalog, new LunDirectory(target), _copyTargets)
@@ -134,6 +151,32 @@ public sealed class TargetService : IAsyncDisposable
         target.AddLun((ulong)record.Lun, unit);
         _lunRecords[record.Id] = record;
         return unit;
+    }
+
+    /// <summary>The LUN serving <paramref name="diskId"/>, if any.</summary>
+    public (IscsiTarget Target, LogicalUnit Unit, LunRecord Record)? LunOfDisk(Guid diskId)
+    {
+        foreach (var record in _lunRecords.Values.ToList())
+        {
+            if (record.DiskId != diskId) continue;
+            var target = _registry.All.FirstOrDefault(t => string.Equals(t.Name, record.TargetId, StringComparison.OrdinalIgnoreCase));
+            if (target?.GetLun((ulong)record.Lun) is { } unit) return (target, unit, record);
+        }
+        return null;
+    }
+
+    /// <summary>Whether any initiator is logged in to the target serving <paramref name="diskId"/>.</summary>
+    public bool DiskHasSessions(Guid diskId) =>
+        LunOfDisk(diskId) is { } lun && _portal.GetSessions().Any(s => string.Equals(s.TargetName, lun.Target.Name, StringComparison.OrdinalIgnoreCase));
+
+    /// <summary>The disk under a LUN changed size or content: tell every nexus (unit attention).</summary>
+    public void NotifyDiskChanged(Guid diskId, bool capacityChanged, bool contentReplaced)
+    {
+        if (LunOfDisk(diskId) is not { } lun) return;
+        if (contentReplaced) lun.Unit.RaiseUnitAttentionForAll(SenseCode.MediumMayHaveChanged);
+        if (capacityChanged) _portal.NotifyCapacityChanged(lun.Unit);
+        lun.Record.SizeBytes = lun.Unit.Device.Length;
+        _catalog.SaveLun(lun.Record);
     }
 
     // ---------------------------------------------------------------- management operations
@@ -193,14 +236,20 @@ public sealed class TargetService : IAsyncDisposable
         }
     }
 
-    public async Task<(LogicalUnit Unit, LunRecord Record)> AddLunAsync(string targetName, int lun, long? sizeBytes, string? image, int blockSize, bool readOnly)
+    /// <summary>
+    /// Adds a LUN serving a new empty disk (<paramref name="sizeBytes"/>), a disk imported from <paramref name="image"/>
+    /// (its files are never written: a new head goes on top), or an existing disk (<paramref name="disk"/>, ID or name).
+    /// </summary>
+    public async Task<(LogicalUnit Unit, LunRecord Record)> AddLunAsync(string targetName, int lun, long? sizeBytes, string? image, string? disk, int blockSize, bool readOnly)
     {
         if (lun is < 0 or > 16383) throw ApplianceError.Invalid("lun", $"LUN {lun} must be 0-16383");
         if (blockSize is not (512 or 4096)) throw ApplianceError.Invalid("blockSize", "blockSize must be 512 or 4096");
-        if (image is null && (sizeBytes is not { } size || !Names.IsValidLunSize(size)))
-            throw ApplianceError.Invalid("sizeBytes", "sizeBytes must be a positive multiple of 4096 up to 64 TiB (or give an existing image)");
-        if (image is not null && sizeBytes is not null)
-            throw ApplianceError.Invalid("sizeBytes", "give either sizeBytes (a new thin disk) or image (an existing file), not both");
+        int sources = (sizeBytes is null ? 0 : 1) + (image is null ? 0 : 1) + (disk is null ? 0 : 1);
+        if (sources != 1)
+            throw ApplianceError.Invalid(sources == 0 ? "sizeBytes" : image is not null ? "image" : "disk",
+                "give exactly one of sizeBytes (a new thin disk), image (an existing VHDX, raw image or newest .avhdx of a checkpoint chain) or disk (an existing disk)");
+        if (sizeBytes is { } size && !Names.IsValidLunSize(size))
+            throw ApplianceError.Invalid("sizeBytes", "sizeBytes must be a positive multiple of 4096 up to 64 TiB");
         await _lock.WaitAsync();
         try
         {
@@ -208,21 +257,48 @@ public sealed class TargetService : IAsyncDisposable
             if (target.GetLun((ulong)lun) is not null) throw ApplianceError.Conflict($"LUN {lun} already exists on {target.Name}", "lun");
             string targetId = target.Name.ToLowerInvariant();
             LunRecord record;
+            if (image is not null)
+            {
+                string full = System.IO.Path.GetFullPath(image);
+                if (_lunRecords.Values.Any(r => string.Equals(r.ImagePath, full, StringComparison.Ordinal)))
+                    throw ApplianceError.Conflict($"{full} is already served by another LUN", "image");
+            }
             try
             {
-                record = image is not null
-                    ? ExternalImage(targetId, lun, image, blockSize, readOnly)
-                    : CreateManagedImage(targetId, lun, sizeBytes!.Value, blockSize, readOnly);
+                if (disk is not null)
+                {
+                    var found = _disks.FindDisk(disk) ?? throw ApplianceError.NotFound($"no disk '{disk}'");
+                    if (found.SectorSize != blockSize && blockSize != 512)
+                        throw ApplianceError.Invalid("blockSize", $"disk '{found.Name}' has {found.SectorSize}-byte sectors");
+                    record = NewLunRecord(targetId, lun, found, "", managed: false, found.SectorSize, readOnly);
+                }
+                else
+                {
+                    record = image is not null
+                        ? await ImportedDiskLunAsync(targetId, lun, image, blockSize, readOnly)
+                        : await NewDiskLunAsync(targetId, lun, sizeBytes!.Value, blockSize, readOnly);
+                }
             }
             catch (StorageException e)
             {
                 throw ApplianceError.Invalid(image is not null ? "image" : "sizeBytes", e.Message);
             }
-            if (image is not null && _lunRecords.Values.Any(r => string.Equals(r.ImagePath, record.ImagePath, StringComparison.Ordinal)))
-                throw ApplianceError.Conflict($"{record.ImagePath} is already served by another LUN", "image");
+            catch (DiskException e)
+            {
+                throw DiskErrors.ToApplianceError(e, image is not null ? "image" : disk is not null ? "disk" : "sizeBytes");
+            }
+            LogicalUnit unit;
+            try
+            {
+                unit = await AttachLunAsync(target, record);
+            }
+            catch (Exception e) when (e is StorageException or DiskException)
+            {
+                if (record.Managed) await _disks.DeleteDiskAsync(record.DiskId);
+                throw e is DiskException d ? DiskErrors.ToApplianceError(d, "disk") : ApplianceError.Invalid(image is not null ? "image" : "disk", e.Message);
+            }
             _catalog.SaveLun(record);
-            var unit = AttachLun(target, record);
-            Log.LunCreated(_log, target.Name, lun, record.ImagePath, record.SizeBytes);
+            Log.LunCreated(_log, target.Name, lun, _disks.GetDisk(record.DiskId).HeadPath, record.SizeBytes);
             return (unit, record);
         }
         finally
@@ -258,8 +334,14 @@ public sealed class TargetService : IAsyncDisposable
             if (!Names.IsValidLunSize(sizeBytes)) throw ApplianceError.Invalid("sizeBytes", "sizeBytes must be a positive multiple of 4096 up to 64 TiB");
             if (sizeBytes < unit.Device.Length) throw ApplianceError.Invalid("sizeBytes", $"LUNs only grow: {sizeBytes} is below the current {unit.Device.Length} bytes");
             if (sizeBytes == unit.Device.Length) return record;
-            var status = await unit.Device.GrowAsync(sizeBytes);
-            if (status != IoStatus.Ok) throw ApplianceError.Conflict($"cannot grow {record.ImagePath}: {status}", "sizeBytes");
+            try
+            {
+                await _disks.GrowAsync(record.DiskId, sizeBytes);
+            }
+            catch (DiskException e)
+            {
+                throw DiskErrors.ToApplianceError(e, "sizeBytes");
+            }
             record.SizeBytes = sizeBytes;
             _catalog.SaveLun(record);
             _portal.NotifyCapacityChanged(unit);
@@ -317,11 +399,20 @@ public sealed class TargetService : IAsyncDisposable
         {
             _catalog.DeleteLun(key);
             await unit.Device.FlushAsync();
+            await _disks.DetachAsync(record.DiskId);
             await unit.DisposeAsync();
-            if (record.Managed)
+            // The LUN's own disk goes with it unless snapshots were taken of it (they stay, under /disks).
+            if (record.Managed && _disks.Snapshots(record.DiskId).All(snapshot => snapshot.External))
             {
-                File.Delete(record.ImagePath);
-                File.Delete(record.ImagePath + ".atomic");
+                try
+                {
+                    await _disks.DeleteDiskAsync(record.DiskId);
+                }
+                catch (DiskException e)
+                {
+                    // Snapshots of it carry clones, or a job uses it: the disk stays, listed under /disks.
+                    Log.DiskKept(_log, record.DiskId.ToString(), e.Message);
+                }
             }
         }
         else await unit.DisposeAsync();
@@ -339,9 +430,9 @@ public sealed class TargetService : IAsyncDisposable
             {
                 var status = await unit.Device.FlushAsync();
                 if (status != IoStatus.Ok) Log.FlushFailed(_log, target.Name, unit.ToString(), status.ToString());
-                await unit.DisposeAsync();
             }
         }
+        await _disks.DisposeAsync();
     }
 
     private sealed class LunDirectory(IscsiTarget target) : ILunDirectory
@@ -355,13 +446,13 @@ public sealed class TargetService : IAsyncDisposable
     }
 }
 
-internal static class DeviceDisposal
+/// <summary>Disk refusals as API problems.</summary>
+public static class DiskErrors
 {
-    public readonly struct Handle(FileBlockDevice device) : IDisposable
+    public static ApplianceError ToApplianceError(DiskException e, string? defaultField = null) => e.Fault switch
     {
-        public FileBlockDevice Device => device;
-        public void Dispose() => device.DisposeAsync().AsTask().GetAwaiter().GetResult();
-    }
-
-    public static Handle AsDisposable(this FileBlockDevice device) => new(device);
+        DiskFault.NotFound => ApplianceError.NotFound(e.Message),
+        DiskFault.Conflict => ApplianceError.Conflict(e.Message, e.Field),
+        _ => ApplianceError.Invalid(e.Field ?? defaultField ?? "body", e.Message),
+    };
 }

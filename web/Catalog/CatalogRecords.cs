@@ -15,7 +15,7 @@ public sealed class TargetRecord
     public DateTime CreatedAt { get; set; }
 }
 
-/// <summary>A LUN: a target, a number and the image behind it.</summary>
+/// <summary>A LUN: a target, a number and the disk (snapshot chain) it serves.</summary>
 public sealed class LunRecord
 {
     /// <summary>"{target id}|{lun}".</summary>
@@ -23,8 +23,11 @@ public sealed class LunRecord
     public string TargetId { get; set; } = "";
     public int Lun { get; set; }
     public Guid UnitId { get; set; }
+    /// <summary>The disk served; empty only in catalogs written before disks existed (migrated at load).</summary>
+    public Guid DiskId { get; set; }
+    /// <summary>The file the LUN was made from when it was given by path (an imported base), else empty.</summary>
     public string ImagePath { get; set; } = "";
-    /// <summary>True when the appliance created the image (it is deleted with the LUN); false for an image given by path.</summary>
+    /// <summary>True when the disk was made for this LUN (it is deleted with the LUN); false for an existing disk.</summary>
     public bool Managed { get; set; }
     public long SizeBytes { get; set; }
     public int BlockSize { get; set; } = 512;

@@ -39,6 +39,24 @@ internal static partial class Log
     [LoggerMessage(2108, LogLevel.Critical, "flushing {Unit} of {Target} at shutdown failed: {Status}")]
     public static partial void FlushFailed(ILogger logger, string target, string unit, string status);
 
+    [LoggerMessage(2109, LogLevel.Information, "LUN {Lun} of {Target} served {Image} directly; it is now the base of disk {Disk}")]
+    public static partial void LunMigrated(ILogger logger, string target, int lun, string image, string disk);
+
+    [LoggerMessage(2110, LogLevel.Information, "kept disk {Disk} after deleting its LUN: {Reason}")]
+    public static partial void DiskKept(ILogger logger, string disk, string reason);
+
+    [LoggerMessage(2301, LogLevel.Information, "job {Job} started: {Kind}, {Description}")]
+    public static partial void JobStarted(ILogger logger, Guid job, string kind, string description);
+
+    [LoggerMessage(2302, LogLevel.Information, "job {Job} ({Kind}) ended {State} {Error}")]
+    public static partial void JobFinished(ILogger logger, Guid job, string kind, string state, string error);
+
+    [LoggerMessage(2303, LogLevel.Information, "resuming the interrupted merge of snapshot {Snapshot} of disk {Disk}")]
+    public static partial void MergeResumed(ILogger logger, string disk, Guid snapshot);
+
+    [LoggerMessage(2304, LogLevel.Warning, "refused {File}: {Fault}")]
+    public static partial void DiskRefused(ILogger logger, string file, string fault);
+
     [LoggerMessage(2201, LogLevel.Warning, "refused a management request from {Remote}: the API is loopback-only until authentication arrives")]
     public static partial void NonLoopbackRefused(ILogger logger, string remote);
 }

@@ -59,7 +59,7 @@ public sealed class ManagementApiTests(WebApplianceFixture fixture) : IClassFixt
     }
 
     [Fact]
-    public async Task A_lun_from_sizeBytes_is_a_managed_image_served_over_iscsi_and_deleted_with_the_lun()
+    public async Task A_lun_from_sizeBytes_is_a_new_disk_served_over_iscsi_and_deleted_with_the_lun()
     {
         string name = await NewTargetAsync("managed");
         var lun = await JsonAsync(await PostAsync(Http, $"/api/v1/targets/{name}/luns", new { lun = 3, sizeBytes = 8L << 20, blockSize = 4096 }), 201);
@@ -68,13 +68,17 @@ public sealed class ManagementApiTests(WebApplianceFixture fixture) : IClassFixt
         Assert.Equal(4096, lun.GetProperty("blockSize").GetInt32());
         Assert.True(lun.GetProperty("managed").GetBoolean());
         Assert.False(lun.GetProperty("readOnly").GetBoolean());
-        string image = lun.Str("image")!;
-        Assert.StartsWith(Path.Combine(Path.GetFullPath(Appliance.DataDirectory), "images"), image);
+        Assert.Equal(JsonValueKind.Null, lun.GetProperty("image").ValueKind);
+        // The LUN serves a new disk: one dynamic VHDX layer with 4096-byte sectors.
+        var disk = await GetJsonAsync(Http, $"/api/v1/disks/{lun.Str("disk")}");
+        Assert.Equal(4096, disk.GetProperty("sectorSize").GetInt32());
+        Assert.Equal(8L << 20, disk.GetProperty("sizeBytes").GetInt64());
+        string image = disk.Str("headPath")!;
+        Assert.StartsWith(Path.Combine(Path.GetFullPath(Appliance.DataDirectory), "disks"), image);
         Assert.True(File.Exists(image), image);
-        Assert.Equal(8L << 20, new FileInfo(image).Length);
 
         var got = await GetJsonAsync(Http, $"/api/v1/targets/{name}/luns/3");
-        Assert.Equal(image, got.Str("image"));
+        Assert.Equal(lun.Str("disk"), got.Str("disk"));
         Assert.Equal(lun.Str("naa"), got.Str("naa"));
         var listed = await GetJsonAsync(Http, $"/api/v1/targets/{name}/luns");
         Assert.Equal([3], listed.EnumerateArray().Select(l => l.GetProperty("lun").GetInt32()));
@@ -93,12 +97,13 @@ public sealed class ManagementApiTests(WebApplianceFixture fixture) : IClassFixt
 
         await JsonAsync(await SendAsync(Http, HttpMethod.Delete, $"/api/v1/targets/{name}/luns/3"), 204);
         Assert.False(File.Exists(image), $"{image} should be deleted with its LUN");
+        await AssertProblemAsync(await Http.GetAsync($"/api/v1/disks/{lun.Str("disk")}"), 404);
         await AssertProblemAsync(await Http.GetAsync($"/api/v1/targets/{name}/luns/3"), 404);
         Assert.Equal(0, (await GetJsonAsync(Http, $"/api/v1/targets/{name}")).GetProperty("luns").GetArrayLength());
     }
 
     [Fact]
-    public async Task A_lun_from_an_existing_image_serves_its_content_and_the_file_is_kept_on_delete()
+    public async Task A_lun_from_an_existing_image_serves_its_content_and_never_writes_the_file()
     {
         using var dir = new TempDirectory();
         string image = Path.Combine(dir.Path, "existing.raw");
@@ -108,7 +113,8 @@ public sealed class ManagementApiTests(WebApplianceFixture fixture) : IClassFixt
 
         string name = await NewTargetAsync("external");
         var lun = await JsonAsync(await PostAsync(Http, $"/api/v1/targets/{name}/luns", new { lun = 1, image }), 201);
-        Assert.False(lun.GetProperty("managed").GetBoolean());
+        // The LUN gets its own disk (deleted with it) whose read-only base is the image.
+        Assert.True(lun.GetProperty("managed").GetBoolean());
         Assert.Equal(image, lun.Str("image"));
         Assert.Equal(4L << 20, lun.GetProperty("sizeBytes").GetInt64());
         Assert.Equal(image, (await GetJsonAsync(Http, $"/api/v1/targets/{name}/luns/1")).Str("image"));
@@ -126,12 +132,20 @@ public sealed class ManagementApiTests(WebApplianceFixture fixture) : IClassFixt
             await initiator.LogoutAsync().WaitAsync(TimeSpan.FromSeconds(10));
         }
 
-        await JsonAsync(await SendAsync(Http, HttpMethod.Delete, $"/api/v1/targets/{name}/luns/1"), 204);
-        Assert.True(File.Exists(image), "an image given by path must survive the deletion of its LUN");
-        var after = await File.ReadAllBytesAsync(image);
+        // The image is the read-only base of the LUN's disk: writes land in the disk's head, the file stays as it was.
+        Assert.Equal(content, await File.ReadAllBytesAsync(image));
+        string disk = lun.Str("disk")!;
+        string exported = Path.Combine(dir.Path, "written.raw");
+        var job = await JsonAsync(await PostAsync(Http, $"/api/v1/disks/{disk}/export", new { path = exported, format = "raw" }), 202);
+        Assert.True(await EventuallyAsync(async () => (await GetJsonAsync(Http, $"/api/v1/jobs/{job.Str("id")}")).Str("state") == "Succeeded"));
+        var after = await File.ReadAllBytesAsync(exported);
         Assert.Equal(4 << 20, after.Length);
         Assert.Equal(Pattern(100, 9, 16), after.AsSpan(100 * 512, 16 * 512).ToArray());
         Assert.Equal(Pattern(2000, 10, 4), after.AsSpan(2000 * 512, 4 * 512).ToArray());
+
+        await JsonAsync(await SendAsync(Http, HttpMethod.Delete, $"/api/v1/targets/{name}/luns/1"), 204);
+        Assert.True(File.Exists(image), "an image given by path must survive the deletion of its LUN");
+        Assert.Equal(content, await File.ReadAllBytesAsync(image));
         await AssertProblemAsync(await Http.GetAsync($"/api/v1/targets/{name}/luns/1"), 404);
     }
 

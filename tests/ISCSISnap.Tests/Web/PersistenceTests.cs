@@ -71,7 +71,7 @@ public sealed class PersistenceTests
             Assert.DoesNotContain(secret, after.GetRawText());
             // LUNs come back with the same numbers, sizes, images and identities (NAA, serial).
             string Luns(JsonElement target) => string.Join("\n", target.GetProperty("luns").EnumerateArray().Select(l =>
-                $"{l.GetProperty("lun")} {l.GetProperty("sizeBytes")} {l.GetProperty("blockSize")} {l.Str("image")} {l.GetProperty("managed")} {l.Str("naa")} {l.Str("serial")}"));
+                $"{l.GetProperty("lun")} {l.GetProperty("sizeBytes")} {l.GetProperty("blockSize")} {l.Str("disk")} {l.Str("image")} {l.GetProperty("managed")} {l.Str("naa")} {l.Str("serial")}"));
             Assert.Equal(Luns(before), Luns(after));
             Assert.Equal([0, 1, 2], after.GetProperty("luns").EnumerateArray().Select(l => l.GetProperty("lun").GetInt32()));
             Assert.Equal(16L << 20, after.GetProperty("luns")[0].GetProperty("sizeBytes").GetInt64());
@@ -95,7 +95,8 @@ public sealed class PersistenceTests
                 await initiator.LogoutAsync().WaitAsync(TimeSpan.FromSeconds(10));
             }
         }
-        Assert.Equal(Pattern(3000, seed, 8), File.ReadAllBytes(image).AsSpan(3000 * 512, 8 * 512).ToArray());
+        // The image given by path is the disk's read-only base: the write went to the disk's head.
+        Assert.Equal(new byte[8 * 512], File.ReadAllBytes(image).AsSpan(3000 * 512, 8 * 512).ToArray());
     }
 
     [Fact]
@@ -111,8 +112,9 @@ public sealed class PersistenceTests
             Assert.Equal(0, lun.GetProperty("lun").GetInt32());
             Assert.Equal(1L << 30, lun.GetProperty("sizeBytes").GetInt64());
             Assert.True(lun.GetProperty("managed").GetBoolean());
-            demoImage = lun.Str("image")!;
+            demoImage = (await GetJsonAsync(first.Http, $"/api/v1/disks/{lun.Str("disk")}")).Str("headPath")!;
             Assert.True(File.Exists(demoImage));
+            Assert.EndsWith(".vhdx", demoImage);
             Assert.Equal(0, await LoginStatusAsync(first, ApplianceProcess.DemoTarget));
 
             await JsonAsync(await SendAsync(first.Http, HttpMethod.Delete, $"/api/v1/targets/{ApplianceProcess.DemoTarget}"), 204);
@@ -130,7 +132,7 @@ public sealed class PersistenceTests
             await AssertProblemAsync(await second.Http.GetAsync($"/api/v1/targets/{ApplianceProcess.DemoTarget}"), 404);
             Assert.DoesNotContain((await GetJsonAsync(second.Http, "/api/v1/targets")).EnumerateArray(), t => t.Str("name") == ApplianceProcess.DemoTarget);
             Assert.Equal(0x0203, await LoginStatusAsync(second, ApplianceProcess.DemoTarget));
-            Assert.Empty(Directory.GetFiles(Path.Combine(data.Path, "images")));
+            Assert.Empty(Directory.GetFiles(Path.Combine(data.Path, "disks"), "*.vhdx"));
         }
     }
 
