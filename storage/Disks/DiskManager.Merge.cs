@@ -89,6 +89,8 @@ public sealed partial class DiskManager
         if (children.Count > 1)
             throw DiskException.Conflict($"snapshot '{snapshot.SnapshotName}' has {children.Count} children (snapshots or clones: {string.Join(", ", children.Select(c => c.Id))}); only a snapshot with one child can be merged away");
         var child = children[0];
+        if (child.External)
+            throw DiskException.Conflict($"snapshot '{snapshot.SnapshotName}' would merge into the imported file {child.Path}, which the appliance never writes; delete the snapshot above it first or export the disk");
         var disks = DisksThrough(child.Id).ToList();
         if (disks.Count > 1)
             throw DiskException.Conflict($"snapshot '{snapshot.SnapshotName}' is shared by disks {string.Join(", ", disks.Select(d => d.Name))}; delete the clones first");
