@@ -208,4 +208,45 @@ public sealed class PersistenceTests
             await second.DisposeAsync();
         }
     }
+
+    [Fact]
+    public async Task A_lun_catalogued_before_disks_existed_keeps_its_content_on_a_migrated_disk()
+    {
+        // A catalog as the appliance wrote it before disks: the LUN points straight at a raw image.
+        using var data = new TempDirectory();
+        string image = Path.Combine(data.Path, "images", "legacy.img");
+        Directory.CreateDirectory(Path.GetDirectoryName(image)!);
+        var content = new byte[4 << 20];
+        Pattern(50, 77, 8).CopyTo(content, 50 * 512);
+        File.WriteAllBytes(image, content);
+        string target = UniqueTarget("legacy");
+        var unit = Guid.NewGuid();
+        using (var catalog = new ISCSISnap.Web.Catalog.ApplianceCatalog(Path.Combine(data.Path, "catalog.db")))
+        {
+            catalog.SaveTarget(new ISCSISnap.Web.Catalog.TargetRecord { Id = target.ToLowerInvariant(), Name = target, CreatedAt = DateTime.UtcNow });
+            catalog.SaveLun(new ISCSISnap.Web.Catalog.LunRecord
+            {
+                Id = ISCSISnap.Web.Catalog.LunRecord.KeyOf(target.ToLowerInvariant(), 0), TargetId = target.ToLowerInvariant(), Lun = 0, UnitId = unit,
+                ImagePath = image, Managed = true, SizeBytes = content.Length, BlockSize = 512, CreatedAt = DateTime.UtcNow,
+            });
+        }
+
+        var appliance = await ApplianceProcess.StartAsync(dataDirectory: data.Path);
+        await using (appliance)
+        {
+            var lun = (await GetJsonAsync(appliance.Http, $"/api/v1/targets/{target}")).GetProperty("luns")[0];
+            Assert.Equal(4L << 20, lun.GetProperty("sizeBytes").GetInt64());
+            var disk = await GetJsonAsync(appliance.Http, $"/api/v1/disks/{lun.Str("disk")}");
+            Assert.Equal(2, disk.GetProperty("chain").GetArrayLength());   // the image as base, a new head
+            var initiator = await LoginAsync(appliance, target);
+            await using (initiator)
+            {
+                Assert.Equal(Pattern(50, 77, 8), await initiator.ReadAsync(50, 8));
+                await initiator.WriteAsync(60, Pattern(60, 78, 2));
+                await initiator.LogoutAsync().WaitAsync(TimeSpan.FromSeconds(10));
+            }
+            Assert.True(LogLines(data.Path).Any(l => l.Contains("legacy.img") && l.Contains("base of disk")), "the migration is logged");
+        }
+        Assert.Equal(content, File.ReadAllBytes(image));
+    }
 }
