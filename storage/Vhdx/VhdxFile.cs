@@ -417,6 +417,8 @@ public sealed partial class VhdxFile : IWritableLayer
 
     private void CheckBlock(long index, long offset, long size, long needed, long fileLength, string what, List<(long, long, string)> occupied)
     {
+        if (offset < 0 || offset > VhdxFormat.MaxFileOffset)
+            throw Refuse($"BAT entry {index} ({what}) points at file offset 0x{(ulong)offset:x}, past the end of the file ({fileLength} bytes)");
         if (offset < VhdxFormat.HeaderSectionLength)
             throw Refuse($"BAT entry {index} ({what}) points at file offset 0x{offset:x}, inside the header section");
         if (offset + needed > fileLength)
