@@ -415,6 +415,16 @@ public sealed partial class VhdxFile
                     if (!relocate) MarkDirty(_batOffset + i * 8 / VhdxFormat.Page * VhdxFormat.Page, SourceBat);
                 }
             }
+            if (!relocate && bat.Length > old.Length)
+            {
+                // Region entries the old mirror did not cover: other writers may have left anything there.
+                var onDisk = new byte[(bat.Length - old.Length) * 8];
+                try { ReadStructure(_batOffset + old.Length * 8, onDisk); }
+                catch (StorageException) { return IoStatus.ReadError; }
+                for (long i = 0; i < bat.Length - old.Length; i++)
+                    if (BinaryPrimitives.ReadUInt64LittleEndian(onDisk.AsSpan((int)(i * 8))) != 0)
+                        MarkDirty(_batOffset + (old.Length + i) * 8 / VhdxFormat.Page * VhdxFormat.Page, SourceBat);
+            }
             if (relocate)
             {
                 // The new BAT goes to the end of the file, complete and durable before the region table names it.
