@@ -29,7 +29,8 @@ public sealed partial class VhdxFile : IWritableLayer
     private VhdxHeader _header;
     private int _currentSlot;
     private readonly long _logOffset, _logLength;
-    private VhdxLogOverlay? _overlay;
+    private VhdxLogOverlay? _overlay;         // a read-only open's in-memory log replay
+    private long _fileLength;                  // during open: the file's length (after an in-memory replay, the replayed length)
 
     // Geometry.
     private long _virtualSize;
@@ -63,8 +64,6 @@ public sealed partial class VhdxFile : IWritableLayer
         _logLength = logLength;
         _fileLength = probedLength;
     }
-
-    private long _fileLength;   // logical length during open (after an in-memory replay, the replayed length)
 
     // ------------------------------------------------------------------ properties
 
@@ -148,7 +147,6 @@ public sealed partial class VhdxFile : IWritableLayer
         var vhdx = new VhdxFile(file, diskId, writable, preserveDataWriteGuid, length, header, slot, logOffset, logLength);
         if (header.LogGuid != Guid.Empty) vhdx.ReplayLog();
         vhdx.LoadStructures(buffer);
-        if (!writable) vhdx._writable = false;
         return vhdx;
     }
 
