@@ -309,7 +309,15 @@ public sealed partial class VhdxFile
     /// <summary>Sets or clears bits and marks their bitmap pages dirty. Under _allocLock.</summary>
     private void SetBits(long chunk, byte[] bitmap, long first, long count, bool value)
     {
-        for (long bit = first; bit < first + count; bit++)
+        long bit = first, end = first + count;
+        for (; bit < end && ((bit & 7) != 0 || end - bit < 8); bit++)
+        {
+            if (value) bitmap[bit >> 3] |= (byte)(1 << (int)(bit & 7));
+            else bitmap[bit >> 3] &= (byte)~(1 << (int)(bit & 7));
+        }
+        long wholeBytes = (end - bit) >> 3;
+        bitmap.AsSpan((int)(bit >> 3), (int)wholeBytes).Fill(value ? (byte)0xFF : (byte)0);
+        for (bit += wholeBytes << 3; bit < end; bit++)
         {
             if (value) bitmap[bit >> 3] |= (byte)(1 << (int)(bit & 7));
             else bitmap[bit >> 3] &= (byte)~(1 << (int)(bit & 7));

@@ -12,8 +12,10 @@ namespace ISCSISnap.Storage.Vhdx;
 // at it, and retiring every log entry applied in place before; (2) one log entry with the dirty page images, then
 // fdatasync (the commit point); (3) the pages written in place, made durable by the next flush's step 1 (so the entry
 // stays the log's active tail until then). Entries are written front to back in the ring under one LogGuid; when the
-// ring is full (or at the first entry of a session) the headers take a new LogGuid after everything is retired, so the
-// ring never holds entries of one LogGuid out of order (QEMU replays a whole run). Seal syncs and clears the LogGuid.
+// ring is full (or at the first entry of a session) a new LogGuid starts at ring offset 0 after everything is retired,
+// so the ring never holds entries of one LogGuid out of order (QEMU replays a whole run). A header names a LogGuid only
+// while a complete entry of it is durable, so "LogGuid set but no valid entry" always means corruption and is refused.
+// Seal syncs and clears the LogGuid.
 public sealed partial class VhdxFile
 {
     private const int SourceBat = -1, SourceMetadata = -2, SourceRegionTable = -3;
@@ -246,24 +248,35 @@ public sealed partial class VhdxFile
             long size = (long)VhdxLogWriter.EntrySectors(batch.Count) * VhdxFormat.Page;
             Guid logGuid;
             lock (_headerLock) logGuid = _header.LogGuid;
-            if (logGuid == Guid.Empty || _logHead + size > _logLength - VhdxFormat.Page)
+            bool newEpoch = logGuid == Guid.Empty || _logHead + size > _logLength - VhdxFormat.Page;
+            if (newEpoch)
             {
-                // Restart the ring under a new LogGuid, once every entry of the old one is applied and durable.
+                // Restart the ring under a new LogGuid once every entry of the old one is applied and durable. The old
+                // LogGuid is cleared before its ring is overwritten, and the new one is set only after its first entry
+                // is durable, so a header never names a LogGuid without a complete entry behind it.
                 if (_logHead != _logTail)
                 {
                     errno = _file.SyncDataNow();
                     if (errno != 0) return Fail(errno);
                 }
-                var status = UpdateHeaders(Guid.NewGuid(), false);
-                if (status != IoStatus.Ok) return status;
+                if (logGuid != Guid.Empty)
+                {
+                    var cleared = UpdateHeaders(Guid.Empty, false);
+                    if (cleared != IoStatus.Ok) return cleared;
+                }
+                logGuid = Guid.NewGuid();
                 _logHead = _logTail = 0;
-                lock (_headerLock) logGuid = _header.LogGuid;
             }
             var entry = VhdxLogWriter.Build(logGuid, ++_logSequence, _logTail, fileEnd, fileEnd, batch);
             errno = _file.Write(_logOffset + _logHead, entry);
             if (errno != 0) return Fail(errno);
             errno = await _file.FlushAsync().ConfigureAwait(false);
             if (errno != 0) return Fail(errno);
+            if (newEpoch)
+            {
+                var status = UpdateHeaders(logGuid, false);   // the commit point of an epoch's first entry
+                if (status != IoStatus.Ok) return status;
+            }
             _logHead += size;
             if (StopBeforeApplyForTest)
             {
@@ -401,6 +414,16 @@ public sealed partial class VhdxFile
                     bat[i] = 0;
                     if (!relocate) MarkDirty(_batOffset + i * 8 / VhdxFormat.Page * VhdxFormat.Page, SourceBat);
                 }
+            }
+            if (!relocate && bat.Length > old.Length)
+            {
+                // Region entries the old mirror did not cover: other writers may have left anything there.
+                var onDisk = new byte[(bat.Length - old.Length) * 8];
+                try { ReadStructure(_batOffset + old.Length * 8, onDisk); }
+                catch (StorageException) { return IoStatus.ReadError; }
+                for (long i = 0; i < bat.Length - old.Length; i++)
+                    if (BinaryPrimitives.ReadUInt64LittleEndian(onDisk.AsSpan((int)(i * 8))) != 0)
+                        MarkDirty(_batOffset + (old.Length + i) * 8 / VhdxFormat.Page * VhdxFormat.Page, SourceBat);
             }
             if (relocate)
             {

@@ -29,7 +29,8 @@ public sealed partial class VhdxFile : IWritableLayer
     private VhdxHeader _header;
     private int _currentSlot;
     private readonly long _logOffset, _logLength;
-    private VhdxLogOverlay? _overlay;
+    private VhdxLogOverlay? _overlay;         // a read-only open's in-memory log replay
+    private long _fileLength;                  // during open: the file's length (after an in-memory replay, the replayed length)
 
     // Geometry.
     private long _virtualSize;
@@ -63,8 +64,6 @@ public sealed partial class VhdxFile : IWritableLayer
         _logLength = logLength;
         _fileLength = probedLength;
     }
-
-    private long _fileLength;   // logical length during open (after an in-memory replay, the replayed length)
 
     // ------------------------------------------------------------------ properties
 
@@ -148,7 +147,6 @@ public sealed partial class VhdxFile : IWritableLayer
         var vhdx = new VhdxFile(file, diskId, writable, preserveDataWriteGuid, length, header, slot, logOffset, logLength);
         if (header.LogGuid != Guid.Empty) vhdx.ReplayLog();
         vhdx.LoadStructures(buffer);
-        if (!writable) vhdx._writable = false;
         return vhdx;
     }
 
@@ -417,6 +415,8 @@ public sealed partial class VhdxFile : IWritableLayer
 
     private void CheckBlock(long index, long offset, long size, long needed, long fileLength, string what, List<(long, long, string)> occupied)
     {
+        if (offset < 0 || offset > VhdxFormat.MaxFileOffset)
+            throw Refuse($"BAT entry {index} ({what}) points at file offset 0x{(ulong)offset:x}, past the end of the file ({fileLength} bytes)");
         if (offset < VhdxFormat.HeaderSectionLength)
             throw Refuse($"BAT entry {index} ({what}) points at file offset 0x{offset:x}, inside the header section");
         if (offset + needed > fileLength)

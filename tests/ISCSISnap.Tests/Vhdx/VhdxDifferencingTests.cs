@@ -207,4 +207,34 @@ public sealed class VhdxDifferencingTests
         using (var dynamicFile = VhdxFile.Open(basePath, Guid.Empty, writable: true))
             Assert.Throws<StorageException>(() => dynamicFile.SetParentLocator(again));
     }
+
+    [Fact]
+    public async Task A_grown_child_reports_the_new_sectors_absent_until_written()
+    {
+        using var dir = new TempDirectory();
+        var (basePath, _, baseGuid) = await MakeBase(dir.Path);
+        string childPath = Path.Combine(dir.Path, "child.vhdx");
+        long grown = Size + (8L << 20);
+        var data = new byte[4096];
+        new Random(2).NextBytes(data);
+        using (var child = VhdxFile.Create(childPath, new VhdxCreateOptions { VirtualSize = Size, BlockSize = 1 << 20, Parent = VhdxParent.For(childPath, basePath, baseGuid) }))
+        {
+            await WriteAsync(child, 512, data);
+            Assert.Equal(IoStatus.Ok, await child.GrowAsync(grown));
+            await WriteAsync(child, Size + (1 << 20) + 512, data);
+        }
+        using (var child = VhdxFile.Open(childPath, Guid.Empty, writable: false))
+        {
+            Assert.Equal(grown, child.VirtualSize);
+            var states = States(child, 0, grown / 512);
+            for (long s = 0; s < states.Length; s++)
+            {
+                bool written = s is >= 1 and < 9 || (s >= (Size + (1 << 20) + 512) / 512 && s < (Size + (1 << 20) + 512 + 4096) / 512);
+                Assert.True((written ? SectorState.Data : SectorState.Absent) == states[s], $"sector {s}: {states[s]}");
+            }
+            var back = new byte[4096];
+            Assert.Equal(IoStatus.Ok, await child.ReadAsync(Size + (1 << 20) + 512, back));
+            Assert.Equal(data, back);
+        }
+    }
 }

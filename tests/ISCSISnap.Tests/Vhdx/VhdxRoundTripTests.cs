@@ -150,14 +150,25 @@ public sealed class VhdxRoundTripTests
     {
         using var dir = new TempDirectory();
         string path = Path.Combine(dir.Path, "grow.vhdx");
-        long size = 16L << 20;
+        long size = 16L << 20, largest = 200L << 30;
         using var expected = new ExpectedDisk(Path.Combine(dir.Path, "expected.raw"), size);
+        long BatOffset()
+        {
+            using var f = File.OpenRead(path);
+            var table = new byte[65536];
+            f.Position = 0x30000;
+            f.ReadExactly(table);
+            return VhdxRegionTable.TryParse(table, out _)!.Single(r => r.Id == VhdxFormat.BatRegion).FileOffset;
+        }
+        long initialBat;
         using (var vhdx = VhdxFile.Create(path, new VhdxCreateOptions { VirtualSize = size, BlockSize = 1 << 20 }))
         {
+            initialBat = BatOffset();
             await RandomOperations(vhdx, expected, 3, 30, 1 << 20);
             Assert.Equal(IoStatus.OutOfRange, await vhdx.GrowAsync(size - (1 << 20)));
-            // 16 MiB → 1 GiB fits the 1 MiB BAT; 1 GiB → 40 GiB (40960 entries + bitmaps) needs a bigger one.
-            foreach (long next in new[] { 1L << 30, 40L << 30 })
+            Assert.Equal(IoStatus.Misaligned, await vhdx.GrowAsync(size + 100));
+            // 16 MiB → 1 GiB fits the 1 MiB BAT (131072 entries); 200 GiB (204800 blocks) needs a bigger one, moved to the end.
+            foreach (long next in new[] { 1L << 30, largest })
             {
                 Assert.Equal(IoStatus.Ok, await vhdx.GrowAsync(next));
                 Assert.Equal(next, vhdx.VirtualSize);
@@ -168,18 +179,23 @@ public sealed class VhdxRoundTripTests
                 expected.Write(next - data.Length - 4096, data);
             }
         }
+        Assert.NotEqual(initialBat, BatOffset());
         expected.Flush();
         await AssertQemuCheckClean(path);
-        await AssertQemuIdentical(path, expected.Path);
+        var info = await QemuImg("info", "-f", "vhdx", path);
+        Assert.Contains("200 GiB", info.Output);
         using (var reopened = VhdxFile.Open(path, Guid.Empty, writable: false))
         {
-            Assert.Equal(40L << 30, reopened.VirtualSize);
-            var back = new byte[(1 << 20) + 4096];
-            Assert.Equal(IoStatus.Ok, await reopened.ReadAsync((40L << 30) - back.Length, back));
-            Assert.Equal(expected.Read((40L << 30) - back.Length, back.Length), back);
-            back = new byte[16 << 20];
-            Assert.Equal(IoStatus.Ok, await reopened.ReadAsync(0, back));
-            Assert.Equal(expected.Read(0, back.Length), back);
+            Assert.Equal(largest, reopened.VirtualSize);
+            foreach (long at in new[] { 0L, (1L << 30) - (2 << 20), largest - (2 << 20) })
+            {
+                var back = new byte[2 << 20];
+                Assert.Equal(IoStatus.Ok, await reopened.ReadAsync(at, back));
+                Assert.Equal(expected.Read(at, back.Length), back);
+            }
+            var small = new byte[16 << 20];
+            Assert.Equal(IoStatus.Ok, await reopened.ReadAsync(0, small));
+            Assert.Equal(expected.Read(0, small.Length), small);
         }
     }
 }
