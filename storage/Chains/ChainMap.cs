@@ -217,6 +217,30 @@ public sealed class ChainMap
         }
     }
 
+    /// <summary>Like <see cref="Lookup"/>, but an untouched segment answers for all of its chunks at once (fast scans of huge maps).</summary>
+    private ushort LookupSpan(long sector, out long runSectors)
+    {
+        long chunk = sector >> _sectorsPerChunkShift;
+        int segmentIndex = (int)(chunk / ChunksPerSegment);
+        var segment = Volatile.Read(ref Volatile.Read(ref _segments)[segmentIndex]);
+        if (segment is null)
+        {
+            long segmentEnd = (long)(segmentIndex + 1) * ChunksPerSegment << _sectorsPerChunkShift;
+            runSectors = segmentEnd - sector;
+            return Volatile.Read(ref _segmentDefaults)[segmentIndex];
+        }
+        ushort owner = Lookup(sector, out int n);
+        runSectors = n;
+        int index = (int)(chunk % ChunksPerSegment);
+        uint entry = Volatile.Read(ref segment.Chunks[index]);
+        if ((entry & RunsFlag) == 0)
+        {
+            // Whole chunks of the same owner that follow in this segment join the run.
+            while (++index < ChunksPerSegment && Volatile.Read(ref segment.Chunks[index]) == entry) runSectors += SectorsPerChunk;
+        }
+        return owner;
+    }
+
     /// <summary>Every (start sector, sector count, owner) run in order; adjacent runs of one owner are joined.</summary>
     public IEnumerable<(long Sector, long Count, ushort Owner)> Runs()
     {
@@ -226,7 +250,7 @@ public sealed class ChainMap
         ushort runOwner = total > 0 ? Lookup(0, out _) : (ushort)0;
         while (sector < total)
         {
-            ushort owner = Lookup(sector, out int n);
+            ushort owner = LookupSpan(sector, out long n);
             if (owner != runOwner)
             {
                 yield return (runStart, sector - runStart, runOwner);

@@ -3,6 +3,7 @@ using ISCSISnap.Storage.BlockDevices;
 using ISCSISnap.Storage.Buffers;
 using ISCSISnap.Storage.Chains;
 using ISCSISnap.Storage.Files;
+using ISCSISnap.Storage.Vhdx;
 
 namespace ISCSISnap.Storage.Disks;
 
@@ -96,8 +97,6 @@ public sealed partial class DiskManager
             throw DiskException.Conflict($"snapshot '{snapshot.SnapshotName}' is shared by disks {string.Join(", ", disks.Select(d => d.Name))}; delete the clones first");
         if (disks.Count == 0)
             throw DiskException.Conflict($"the child of snapshot '{snapshot.SnapshotName}' ({child.Id}) is itself a snapshot no disk uses; delete that one first");
-        if (snapshot.ParentId is null)
-            throw DiskException.Conflict($"snapshot '{snapshot.SnapshotName}' is the base of its chain: merging a base away is not supported; export the disk to a standalone image instead");
         var disk = disks[0];
         if (disk.Merge is { } running && running.SnapshotId != snapshotId)
             throw DiskException.Conflict($"disk '{disk.Name}' is merging snapshot {running.SnapshotId}; one merge at a time");
@@ -223,17 +222,29 @@ public sealed partial class DiskManager
         return runs;
     }
 
-    /// <summary>Relinks the child to the snapshot's parent, drops the snapshot from the chain and the records, removes its file.</summary>
+    /// <summary>
+    /// Relinks the child to the snapshot's parent (or, when the snapshot was the chain's base, makes the child a
+    /// standalone dynamic VHDX), drops the snapshot from the chain and the records, removes its file.
+    /// </summary>
     private async Task FinishMergeAsync(MergePlan plan)
     {
         var device = plan.Device;
-        var parentRecord = LayerOf(plan.Snapshot.ParentId!.Value);
-        var parent = device.Layers.First(l => l.DiskId == parentRecord.Id);
         var child = (IWritableLayer)device.Layers.First(l => l.DiskId == plan.Child.Id);
-        LayerFiles.Relink(child, parentRecord, parent);
+        if (plan.Snapshot.ParentId is { } parentId)
+        {
+            var parentRecord = LayerOf(parentId);
+            var parent = device.Layers.First(l => l.DiskId == parentRecord.Id);
+            LayerFiles.Relink(child, parentRecord, parent);
+        }
         IChainLayer? retired = null;
         await device.QuiesceAsync(q =>
         {
+            if (plan.Snapshot.ParentId is null && child is VhdxFile { IsDifferencing: true } vhdx)
+            {
+                // Every sector the base held is in the child now and the rest read zeros: the child stands alone.
+                var detached = vhdx.DetachParent();
+                if (detached != IoStatus.Ok) throw new StorageException(vhdx.Path, $"making the merged layer standalone failed ({detached})");
+            }
             retired = q.Layers.First(l => l.DiskId == plan.Snapshot.Id);
             q.RemoveLayer(plan.SnapshotIndex);
             return ValueTask.FromResult(true);

@@ -408,8 +408,9 @@ public sealed partial class DiskManager : IAsyncDisposable
                     var parent = i > 0 ? opened[i - 1] : null;
                     // A merge that got past relinking its child already points the child at the merged layer's parent.
                     bool relinkedByMerge = merge is not null && i >= 2 && chain[i - 1].Id == merge.SnapshotId;
+                    bool detachedByMerge = merge is not null && i == 1 && chain[0].Id == merge.SnapshotId;
                     bool stale = LayerFiles.CheckLinkage(layer, record, parent, i > 0 ? chain[i - 1] : null,
-                        relinkedByMerge ? opened[i - 2] : null, relinkedByMerge ? chain[i - 2] : null);
+                        relinkedByMerge ? opened[i - 2] : null, relinkedByMerge ? chain[i - 2] : null, detachedByMerge);
                     if (stale && !record.External)
                     {
                         // The files moved: point the child at where its parent is now (data and DataWriteGuid untouched).
@@ -519,16 +520,29 @@ public sealed partial class DiskManager : IAsyncDisposable
         var frozenRecord = LayerOf(frozenId);
         await WithDeviceAsync(disk, async device =>
         {
+            var head = device.Head ?? throw DiskException.Conflict($"disk '{disk.Name}' is attached read-only");
+            // Outside the quiesced window: flush most of what is pending and make the new head's file. Its
+            // parent_linkage is the head's DataWriteGuid, fixed for the session once the head has been written.
+            var status = await head.FlushAsync().ConfigureAwait(false);
+            if (status != IoStatus.Ok) throw new StorageException(head.Path, $"flushing the head before the snapshot failed ({status})");
+            var child = LayerFiles.CreateChild(newHeadPath, newHeadId, head.Path, head.DataWriteGuid, head.VirtualSize, head.LogicalSectorSize, blockSize: null);
+            bool pushed = false;
             byte[]? mapBytes = null;
             List<IChainLayer>? frozenLayers = null;
-            await device.QuiesceAsync(async q =>
+            try
             {
-                var head = q.Head ?? throw DiskException.Conflict($"disk '{disk.Name}' is attached read-only");
-                var status = await head.FlushAsync().ConfigureAwait(false);
-                if (status != IoStatus.Ok) throw new StorageException(head.Path, $"flushing the head before the snapshot failed ({status})");
-                var child = LayerFiles.CreateChild(newHeadPath, newHeadId, head.Path, head.DataWriteGuid, head.VirtualSize, head.LogicalSectorSize, blockSize: null);
-                try
+                await device.QuiesceAsync(async q =>
                 {
+                    if (!ReferenceEquals(q.Head, head)) throw new InvalidOperationException("the head changed while the disk was locked");
+                    status = await head.FlushAsync().ConfigureAwait(false);
+                    if (status != IoStatus.Ok) throw new StorageException(head.Path, $"flushing the head before the snapshot failed ({status})");
+                    if (!LayerFiles.LinksTo(child, head.DataWriteGuid))
+                    {
+                        // The head's first write of its session came in meanwhile (a new DataWriteGuid): make the file again.
+                        child.Dispose();
+                        File.Delete(newHeadPath);
+                        child = LayerFiles.CreateChild(newHeadPath, newHeadId, head.Path, head.DataWriteGuid, head.VirtualSize, head.LogicalSectorSize, blockSize: null);
+                    }
                     status = head.Seal();
                     if (status != IoStatus.Ok) throw new StorageException(head.Path, $"freezing the head failed ({status})");
                     var now = DateTimeOffset.UtcNow;
@@ -550,19 +564,22 @@ public sealed partial class DiskManager : IAsyncDisposable
                         head.Dispose();
                         throw;
                     }
-                }
-                catch
+                    q.PushHead(child);
+                    pushed = true;
+                    // The map now covers exactly the frozen layers: it is the next open's starting point.
+                    mapBytes = q.Map.Serialize();
+                    frozenLayers = q.Layers.Take(q.Layers.Count - 1).ToList();
+                    return true;
+                }).ConfigureAwait(false);
+            }
+            finally
+            {
+                if (!pushed)
                 {
                     child.Dispose();
                     File.Delete(newHeadPath);
-                    throw;
                 }
-                q.PushHead(child);
-                // The map now covers exactly the frozen layers: it is the next open's starting point.
-                mapBytes = q.Map.Serialize();
-                frozenLayers = q.Layers.Take(q.Layers.Count - 1).ToList();
-                return true;
-            }).ConfigureAwait(false);
+            }
             ChainMapFile.Save(MapPath(diskId), frozenLayers!, mapBytes!);
             return true;
         }).ConfigureAwait(false);

@@ -57,7 +57,7 @@ internal static class LayerFiles
     /// and a parent_linkage equal to the parent's DataWriteGuid. Returns whether the file's parent paths are stale.
     /// </summary>
     public static bool CheckLinkage(IChainLayer layer, LayerRecord record, IChainLayer? parent, LayerRecord? parentRecord,
-        IChainLayer? mergedInto, LayerRecord? mergedIntoRecord)
+        IChainLayer? mergedInto, LayerRecord? mergedIntoRecord, bool detachedByMerge = false)
     {
         if (layer is not VhdxFile vhdx)
         {
@@ -66,7 +66,8 @@ internal static class LayerFiles
         }
         if (!vhdx.IsDifferencing)
         {
-            if (parent is not null) throw new StorageException(record.Path, $"is not a differencing VHDX, but its parent should be {parentRecord!.Path}");
+            // A merge of the chain's base that got past detaching its child: the child stands alone already.
+            if (parent is not null && !detachedByMerge) throw new StorageException(record.Path, $"is not a differencing VHDX, but its parent should be {parentRecord!.Path}");
             return false;
         }
         if (parent is null) throw new StorageException(record.Path, "is a differencing VHDX whose parent is not known");
@@ -79,6 +80,10 @@ internal static class LayerFiles
         throw new StorageException(record.Path,
             $"parent_linkage {linkage ?? "(none)"} does not match the DataWriteGuid {expected:B} of its parent {parentRecord!.Path}: the parent changed after this child was made");
     }
+
+    /// <summary>Whether <paramref name="child"/> names <paramref name="linkage"/> as its parent_linkage.</summary>
+    public static bool LinksTo(IChainLayer child, Guid linkage) =>
+        child is VhdxFile vhdx && (SameGuid(LocatorValue(vhdx, "parent_linkage"), linkage) || SameGuid(LocatorValue(vhdx, "parent_linkage2"), linkage));
 
     private static string? LocatorValue(VhdxFile vhdx, string key)
     {
