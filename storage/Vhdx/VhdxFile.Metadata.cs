@@ -35,6 +35,19 @@ public sealed partial class VhdxFile
     /// <summary>Test hook: the next metadata flush writes and syncs its log entry, then stops as if the process died.</summary>
     internal bool StopBeforeApplyForTest { get; set; }
 
+    /// <summary>Test hook: called after each log entry is durable (and named by the header), before it is applied in place.</summary>
+    internal Action? LogEntryDurableForTest { get; set; }
+
+    /// <summary>Test hook: when positive, caps the 4 KiB pages one log entry carries, so one flush spans several entries.</summary>
+    internal int MaxPagesPerLogEntryForTest { get; set; }
+
+    /// <summary>The most pages one log entry of this file carries.</summary>
+    private int PagesPerLogEntry()
+    {
+        int pages = VhdxLogWriter.MaxPages(_logLength);
+        return MaxPagesPerLogEntryForTest > 0 ? Math.Min(pages, MaxPagesPerLogEntryForTest) : pages;
+    }
+
     private void MarkDirty(long pageOffset, long source) => _dirty[pageOffset] = source;
 
     // ------------------------------------------------------------------ headers
@@ -241,7 +254,7 @@ public sealed partial class VhdxFile
         _logTail = _logHead;   // pages applied before that sync are durable: their entries are retired
         if (pages.Count == 0) return IoStatus.Ok;
 
-        int perEntry = VhdxLogWriter.MaxPages(_logLength);
+        int perEntry = PagesPerLogEntry();
         for (int i = 0; i < pages.Count; i += perEntry)
         {
             var batch = pages.GetRange(i, Math.Min(perEntry, pages.Count - i));
@@ -278,6 +291,7 @@ public sealed partial class VhdxFile
                 if (status != IoStatus.Ok) return status;
             }
             _logHead += size;
+            LogEntryDurableForTest?.Invoke();
             if (StopBeforeApplyForTest)
             {
                 _failed = true;   // the test's "crash": nothing more reaches the file
