@@ -324,6 +324,19 @@ public sealed class ChainDevice : IBlockDevice
         long sector = offset >> _sectorShift;
         long count = length >> _sectorShift;
         if (_map.Lookup(sector, out int run) == _headIndex && run >= count) return;
+        if (_headIndex == 1 && _head is { } head)
+        {
+            // Nothing below the head: the blocks it allocated are its own from end to end (unwritten sectors read
+            // as its zeros), exactly as a map rebuilt from the file says. Once per new block, not per write.
+            long unit = Math.Max(head.BlockSize, 1) >> _sectorShift;
+            long first = sector / unit * unit;
+            long end = Math.Min((sector + count + unit - 1) / unit * unit, _map.SectorCount);
+            head.Enumerate(first, end - first, (s, c, state) =>
+            {
+                if (state != SectorState.Absent) _map.SetOwner(s, c, 1);
+            });
+            return;
+        }
         _map.SetOwner(sector, count, _headIndex);
     }
 
@@ -352,7 +365,17 @@ public sealed class ChainDevice : IBlockDevice
                     ? await Task.Run(() => head.ZeroAsync(offset + done, piece, deallocate, fua).AsTask(), cancellationToken).ConfigureAwait(false)
                     : await head.ZeroAsync(offset + done, piece, deallocate, fua).ConfigureAwait(false);
                 if (status != IoStatus.Ok) return status;
-                Owned(offset + done, piece);
+                if (_headIndex == 1)
+                {
+                    // A head with nothing below may zero by holding nothing (an unallocated block): nobody owns that.
+                    long first = (offset + done) >> _sectorShift;
+                    head.Enumerate(first, piece >> _sectorShift, (sector, count, state) =>
+                        _map.SetOwner(sector, count, state == SectorState.Absent ? (ushort)0 : _headIndex));
+                }
+                else
+                {
+                    Owned(offset + done, piece);
+                }
             }
             finally
             {
@@ -517,12 +540,14 @@ public sealed class ChainDevice : IBlockDevice
         public void RemoveLayer(int index)
         {
             var device = _device;
-            if (index == device._headIndex) throw new InvalidOperationException("the head cannot be removed");
-            foreach (var (_, _, owner) in device._map.Runs())
-                if (owner == index) throw new InvalidOperationException($"layer {index} still owns sectors");
-            var layers = (IChainLayer?[])device._layers.Clone();
-            layers[index] = null;
+            if (index <= 0 || index == device._headIndex) throw new InvalidOperationException($"layer {index} cannot be removed");
+            // The layers above move down one place; owners in the map are positions, so they follow.
+            device._map.RemoveOwner((ushort)index);
+            var layers = new IChainLayer?[device._layers.Length - 1];
+            Array.Copy(device._layers, layers, index);
+            Array.Copy(device._layers, index + 1, layers, index, device._layers.Length - index - 1);
             Volatile.Write(ref device._layers, layers);
+            if (device._head is not null) device._headIndex = (ushort)(layers.Length - 1);
         }
 
         /// <summary>Replaces the whole chain (a revert, say): new layers, a map built for them, a new length.</summary>

@@ -193,6 +193,44 @@ public sealed class ChainMap
         return result.ToArray();
     }
 
+    /// <summary>
+    /// Forgets owner <paramref name="removed"/> (a layer that left the chain and owns nothing any more): every owner
+    /// above it moves down by one, so owners stay the positions of the remaining layers. Runs only while no reader
+    /// uses the map (the chain is quiesced).
+    /// </summary>
+    public void RemoveOwner(ushort removed)
+    {
+        ushort Renumber(ushort owner) => owner > removed ? (ushort)(owner - 1) : owner == removed
+            ? throw new InvalidOperationException($"owner {removed} still owns sectors")
+            : owner;
+        lock (_write)
+        {
+            var defaults = (ushort[])_segmentDefaults.Clone();
+            for (int i = 0; i < _segments.Length; i++)
+            {
+                var segment = _segments[i];
+                if (segment is null)
+                {
+                    defaults[i] = Renumber(defaults[i]);
+                    continue;
+                }
+                for (int c = 0; c < ChunksPerSegment; c++)
+                {
+                    uint entry = segment.Chunks[c];
+                    if ((entry & RunsFlag) == 0) segment.Chunks[c] = Renumber((ushort)entry);
+                }
+                for (int r = 0; r < segment.Runs.Count; r++)
+                {
+                    if (segment.Runs[r] is not { } runs) continue;
+                    var renumbered = new uint[runs.Length];
+                    for (int k = 0; k < runs.Length; k++) renumbered[k] = (runs[k] & 0xFFFF_0000) | Renumber((ushort)runs[k]);
+                    segment.Runs[r] = renumbered;
+                }
+            }
+            Volatile.Write(ref _segmentDefaults, defaults);
+        }
+    }
+
     /// <summary>Extends the map for a grown disk; new sectors get <paramref name="owner"/> (normally 0: nobody).</summary>
     public void Grow(long newVirtualSize, ushort owner = 0)
     {

@@ -27,6 +27,12 @@ public interface IWritableLayer : IChainLayer
     /// <summary>Grows the virtual size; shrinking is refused with <see cref="IoStatus.OutOfRange"/>.</summary>
     ValueTask<IoStatus> GrowAsync(long newVirtualSize);
 
+    /// <summary>
+    /// The unit the layer allocates in (a VHDX payload block): a first write makes the whole unit present, so a
+    /// layer with nothing below it holds the unit's unwritten sectors too (as zeros).
+    /// </summary>
+    int BlockSize { get; }
+
     /// <summary>Bytes of the file in use on disk.</summary>
     long AllocatedBytes { get; }
 

@@ -156,6 +156,7 @@ public sealed partial class DiskManager
         int sectorSize = device.LogicalBlockSize;
         long limit = Math.Min(source.VirtualSize, target.VirtualSize);
         ushort from = (ushort)plan.SnapshotIndex, into = (ushort)plan.ChildIndex;
+        bool sourceIsBase = plan.Snapshot.ParentId is null;
         byte[] buffer = PinnedBufferPool.Shared.Rent(MergeWindowBytes);
         try
         {
@@ -163,6 +164,13 @@ public sealed partial class DiskManager
             {
                 cancellationToken.ThrowIfCancellationRequested();
                 long length = Math.Min(MergeWindowBytes, limit - window);
+                if (sourceIsBase)
+                {
+                    // A chain's base reads zeros where it holds nothing; the map may still name it there (a zeroing
+                    // that needed no block): nobody owns those sectors.
+                    foreach (var (sector, count, state) in Runs(source, window / sectorSize, length / sectorSize))
+                        if (state == SectorState.Absent) device.Map.SetOwner(sector, count, 0, owner => owner == from);
+                }
                 if (HasContent(source, window / sectorSize, length / sectorSize))
                 {
                     async ValueTask<bool> CopyWindow()
@@ -244,6 +252,12 @@ public sealed partial class DiskManager
                 // Every sector the base held is in the child now and the rest read zeros: the child stands alone.
                 var detached = vhdx.DetachParent();
                 if (detached != IoStatus.Ok) throw new StorageException(vhdx.Path, $"making the merged layer standalone failed ({detached})");
+                // Standalone, its blocks are present end to end: sectors nobody owned inside them are its zeros now.
+                ushort into = (ushort)plan.ChildIndex;
+                vhdx.Enumerate(0, q.Map.SectorCount, (sector, count, state) =>
+                {
+                    if (state != SectorState.Absent) q.Map.SetOwner(sector, count, into, owner => owner == 0);
+                });
             }
             retired = q.Layers.First(l => l.DiskId == plan.Snapshot.Id);
             q.RemoveLayer(plan.SnapshotIndex);

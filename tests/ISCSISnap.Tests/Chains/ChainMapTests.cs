@@ -119,4 +119,25 @@ public sealed class ChainMapTests
         }
         writer.Wait();
     }
+
+    [Fact]
+    public void Removing_an_owner_renumbers_the_owners_above_it_everywhere()
+    {
+        var map = new ChainMap(64L << 20, 512);
+        var oracle = new Oracle(map.SectorCount, 0);
+        var random = new Random(11);
+        for (int i = 0; i < 400; i++)
+        {
+            long sector = random.NextInt64(map.SectorCount);
+            long count = random.Next(1, random.Next(2) == 0 ? 64 : 8192);
+            ushort owner = (ushort)random.Next(0, 6);
+            if (owner == 3) owner = 4;   // owner 3 never owns anything: it is the one removed
+            map.SetOwner(sector, count, owner);
+            oracle.Set(sector, count, owner);
+        }
+        map.RemoveOwner(3);
+        for (int s = 0; s < oracle.Owners.Length; s++) if (oracle.Owners[s] > 3) oracle.Owners[s]--;
+        AssertSame(map, oracle);
+        Assert.Throws<InvalidOperationException>(() => map.RemoveOwner(2));   // 2 still owns sectors
+    }
 }
