@@ -16,7 +16,7 @@ public sealed class ShutdownTests(ITestOutputHelper output)
     {
         using var data = new TempDirectory();
         string name = UniqueTarget("sigterm");
-        const long lunBytes = 64L << 20;
+        const long lunBytes = 1L << 30;   // room for writers to keep going until the shutdown cuts them off
         const uint blocks = (uint)(lunBytes / 512);
         ulong seed = (ulong)Random.Shared.NextInt64();
         var acknowledged = new ConcurrentDictionary<uint, byte>();
