@@ -77,7 +77,7 @@ public sealed class TargetService : IAsyncDisposable
     /// <summary>A LUN catalogued before disks existed served a raw image: that image becomes the base of a disk.</summary>
     private async Task MigrateAsync(LunRecord lun)
     {
-        var disk = await _disks.ImportAsync(await FreeDiskNameAsync(lun.TargetId, lun.Lun), lun.ImagePath, lun.BlockSize);
+        var disk = await _disks.ImportAsync(FreeDiskName(lun.TargetId, lun.Lun), lun.ImagePath, lun.BlockSize);
         lun.DiskId = disk.Id;
         _catalog.SaveLun(lun);
         Log.LunMigrated(_log, lun.TargetId, lun.Lun, lun.ImagePath, disk.Name);
@@ -110,24 +110,24 @@ public sealed class TargetService : IAsyncDisposable
         record.MutualChapUserName is { } mutual ? new ChapCredentials(mutual, record.MutualChapSecret!) : null);
 
     /// <summary>A disk name for a LUN's own disk: the target's short name and the LUN ("demo-lun0"), made unique.</summary>
-    private Task<string> FreeDiskNameAsync(string targetId, int lun)
+    private string FreeDiskName(string targetId, int lun)
     {
         int colon = targetId.LastIndexOf(':');
         string stem = $"{(colon >= 0 ? targetId[(colon + 1)..] : targetId)}-lun{lun}";
         string name = stem;
         for (int i = 2; _disks.FindDisk(name) is not null; i++) name = $"{stem}-{i}";
-        return Task.FromResult(name);
+        return name;
     }
 
     private async Task<LunRecord> NewDiskLunAsync(string targetId, int lun, long sizeBytes, int blockSize, bool readOnly = false)
     {
-        var disk = await _disks.CreateAsync(await FreeDiskNameAsync(targetId, lun), sizeBytes, blockSize);
+        var disk = await _disks.CreateAsync(FreeDiskName(targetId, lun), sizeBytes, blockSize);
         return NewLunRecord(targetId, lun, disk, image: "", managed: true, blockSize, readOnly);
     }
 
     private async Task<LunRecord> ImportedDiskLunAsync(string targetId, int lun, string image, int blockSize, bool readOnly)
     {
-        var disk = await _disks.ImportAsync(await FreeDiskNameAsync(targetId, lun), System.IO.Path.GetFullPath(image), blockSize);
+        var disk = await _disks.ImportAsync(FreeDiskName(targetId, lun), System.IO.Path.GetFullPath(image), blockSize);
         return NewLunRecord(targetId, lun, disk, System.IO.Path.GetFullPath(image), managed: true, blockSize, readOnly);
     }
 
