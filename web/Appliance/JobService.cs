@@ -30,6 +30,7 @@ public sealed record JobInfo(
 /// </summary>
 public sealed class JobService : IAsyncDisposable
 {
+    private const int KeptFinishedJobs = 1000;
     private readonly ConcurrentDictionary<Guid, Job> _jobs = new();
     private readonly CancellationTokenSource _stopping = new();
     private readonly ILogger<JobService> _log;
@@ -76,17 +77,26 @@ public sealed class JobService : IAsyncDisposable
             job.Info = job.Info with { State = state, Error = error, FinishedAt = DateTimeOffset.UtcNow };
             Log.JobFinished(_log, job.Info.Id, kind, state.ToString(), error ?? "");
         });
-        return Snapshot(job);
+        PruneFinished();
+        return Describe(job);
     }
 
-    public JobInfo? Get(Guid id) => _jobs.TryGetValue(id, out var job) ? Snapshot(job) : null;
+    public JobInfo? Get(Guid id) => _jobs.TryGetValue(id, out var job) ? Describe(job) : null;
 
-    public IReadOnlyList<JobInfo> All => _jobs.Values.Select(Snapshot).OrderBy(j => j.StartedAt).ToList();
+    public IReadOnlyList<JobInfo> All => _jobs.Values.Select(Describe).OrderBy(j => j.StartedAt).ToList();
 
     /// <summary>Waits for a job to end (tests and the CLI's --wait go through the API instead; this is for the host).</summary>
     public Task WhenDoneAsync(Guid id) => _jobs.TryGetValue(id, out var job) ? job.Completion : Task.CompletedTask;
 
-    private static JobInfo Snapshot(Job job) => job.Info with { Progress = job.Info.State == JobState.Succeeded ? 1 : job.Progress };
+    /// <summary>Finished jobs are kept for their callers to read, the newest <see cref="KeptFinishedJobs"/> of them.</summary>
+    private void PruneFinished()
+    {
+        var finished = _jobs.Values.Where(j => j.Info.State != JobState.Running).ToList();
+        if (finished.Count <= KeptFinishedJobs) return;
+        foreach (var job in finished.OrderBy(j => j.Info.FinishedAt).Take(finished.Count - KeptFinishedJobs)) _jobs.TryRemove(job.Info.Id, out _);
+    }
+
+    private static JobInfo Describe(Job job) => job.Info with { Progress = job.Info.State == JobState.Succeeded ? 1 : job.Progress };
 
     public async ValueTask DisposeAsync()
     {

@@ -10,6 +10,7 @@ namespace ISCSISnap.Tests.Fuzz;
 /// the header alone, connections that stall mid-PDU are dropped by the login timeout (before login) or the NOP-In
 /// timeout (after), and a peer that does not read its answers is held back by TCP backpressure, not buffered.
 /// </summary>
+[Collection(ISCSISnap.Tests.Support.ProcessWideMeasurements.Name)]
 public sealed class MemoryBoundTests
 {
     private const int SixteenMiBMinusOne = (16 << 20) - 1;

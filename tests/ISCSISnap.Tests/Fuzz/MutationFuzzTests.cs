@@ -22,6 +22,7 @@ namespace ISCSISnap.Tests.Fuzz;
 /// be framed as headers after a deliberate desynchronisation (payloads, garbage) come from 'a'..'z', which are
 /// neither SCSI commands nor task management requests.
 /// </remarks>
+[Collection(ISCSISnap.Tests.Support.ProcessWideMeasurements.Name)]
 public sealed class MutationFuzzTests(ITestOutputHelper output)
 {
     private const long AllowedGrowth = 200L << 20;
