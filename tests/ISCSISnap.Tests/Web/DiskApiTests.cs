@@ -189,6 +189,18 @@ public sealed class DiskApiTests(WebApplianceFixture fixture) : IClassFixture<We
         Assert.Equal(1, refused.ExitCode);
         Assert.Contains(missing, refused.StdErr);
 
+        // A damaged VHDX (both headers' checksums wrong): the CLI prints the file and the fault.
+        string damaged = Path.Combine(dir.Path, "damaged.vhdx");
+        var bytes = new byte[2 << 20];
+        "vhdxfile"u8.CopyTo(bytes);
+        "head"u8.CopyTo(bytes.AsSpan(0x10000));
+        "head"u8.CopyTo(bytes.AsSpan(0x20000));
+        File.WriteAllBytes(damaged, bytes);
+        refused = await RunApplianceAsync("disk", "--web", web, "import", UniqueDisk("cli-bad"), damaged);
+        Assert.Equal(1, refused.ExitCode);
+        Assert.Contains(damaged, refused.StdErr);
+        Assert.Contains("header", refused.StdErr);
+
         var usage = await RunApplianceAsync("disk", "--web", web, "create", name);
         Assert.Equal(2, usage.ExitCode);
         Assert.Contains("--size", usage.StdErr);
