@@ -138,6 +138,14 @@ public sealed class ChainDevice : IBlockDevice
     /// <summary>The map of owners (index into the layer table: see <see cref="IndexOf"/>).</summary>
     public ChainMap Map => Volatile.Read(ref _map);
 
+    /// <summary>The disk ID of the layer holding <paramref name="offset"/> (empty: nobody, zeros) and how many bytes from there it holds (within the 1 MiB chunk).</summary>
+    public (Guid DiskId, long Bytes) OwnerOf(long offset)
+    {
+        var layers = Volatile.Read(ref _layers);
+        ushort owner = _map.Lookup(offset >> _sectorShift, out int run);
+        return (owner == 0 ? Guid.Empty : layers[owner]!.DiskId, (long)run << _sectorShift);
+    }
+
     public int IndexOf(Guid diskId)
     {
         var layers = Volatile.Read(ref _layers);
