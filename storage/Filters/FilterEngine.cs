@@ -26,15 +26,20 @@ public sealed class FilterEngine
     private FilterSlot[] _slots = [];
     private readonly object _change = new();
 
-    public FilterEngine(IBlockDevice device, string lun, int maxDepth = 8, IFilterObserver? observer = null)
+    public FilterEngine(IBlockDevice device, string lun, int maxDepth = 8, IFilterObserver? observer = null, KernelContext? kernel = null)
     {
         ArgumentOutOfRangeException.ThrowIfLessThan(maxDepth, 1);
+        Kernel = kernel;
+        if (kernel is not null) maxDepth = Math.Min(maxDepth, kernel.MaxDepth);   // its stacks hold that many frames
         Device = device;
         Chain = device as ChainDevice;
         Lun = lun;
         MaxDepth = maxDepth;
         Observer = observer;
     }
+
+    /// <summary>The IO worker threads filtered requests run on; null runs them on the caller's flow (tests, tools).</summary>
+    public KernelContext? Kernel { get; }
 
     /// <summary>The device under the stack.</summary>
     public IBlockDevice Device { get; }
@@ -78,18 +83,53 @@ public sealed class FilterEngine
     {
         var slots = Volatile.Read(ref _slots);
         if (slots.Length == 0) return Device.ReadAsync(request.Offset, destination);
-        var first = new KernelStack(MaxDepth + 1);
-        first.InitialiseFirst(request);
-        return RunReadAsync(slots, 0, first, request.Offset, destination);
+        if (Kernel is { } kernel) return new(kernel.RunAsync(_ => StartRead(slots, request, destination).AsTask()));
+        return StartRead(slots, request, destination);
     }
 
     public ValueTask<IoStatus> WriteAsync(RequestContext request, ReadOnlySequence<byte> data, WriteFlags flags)
     {
         var slots = Volatile.Read(ref _slots);
         if (slots.Length == 0) return Device.WriteAsync(request.Offset, data, flags);
-        var first = new KernelStack(MaxDepth + 1);
+        if (Kernel is { } kernel) return new(kernel.RunAsync(_ => StartWrite(slots, request, data, flags).AsTask()));
+        return StartWrite(slots, request, data, flags);
+    }
+
+    /// <summary>The request on its first kernel stack (a worker's, when it runs on one).</summary>
+    private async ValueTask<IoStatus> StartRead(FilterSlot[] slots, RequestContext request, Memory<byte> destination)
+    {
+        var first = RentStack();
         first.InitialiseFirst(request);
-        return RunWriteAsync(slots, 0, first, request.Offset, data, flags);
+        try
+        {
+            return await RunReadAsync(slots, 0, first, request.Offset, destination);
+        }
+        finally
+        {
+            ReturnStack(first);
+        }
+    }
+
+    private async ValueTask<IoStatus> StartWrite(FilterSlot[] slots, RequestContext request, ReadOnlySequence<byte> data, WriteFlags flags)
+    {
+        var first = RentStack();
+        first.InitialiseFirst(request);
+        try
+        {
+            return await RunWriteAsync(slots, 0, first, request.Offset, data, flags);
+        }
+        finally
+        {
+            ReturnStack(first);
+        }
+    }
+
+    private KernelStack RentStack() => KernelContext.Current?.RentStack() ?? new KernelStack(MaxDepth + 1);
+
+    private static void ReturnStack(KernelStack stack)
+    {
+        if (KernelContext.Current is { } worker) worker.ReturnStack(stack);
+        else stack.Release();
     }
 
     /// <summary>A read syscall of <paramref name="caller"/>: the filters below it, then the device.</summary>
@@ -98,10 +138,7 @@ public sealed class FilterEngine
         var slots = Volatile.Read(ref _slots);
         int index = Array.IndexOf(slots, caller);
         if (stack.Depth >= MaxDepth && index + 1 < slots.Length) return new(IoStatus.NotReady);
-        var nested = new KernelStack(MaxDepth + 1);
-        nested.InitialiseFirst(stack.Context with { Offset = offset, Length = destination.Length });
-        CopyDepth(stack, nested);
-        return RunReadAsync(slots, index + 1, nested, offset, destination);
+        return NestedReadAsync(slots, index + 1, stack, offset, destination);
     }
 
     internal ValueTask<IoStatus> WriteFromAsync(FilterSlot caller, KernelStack stack, long offset, ReadOnlySequence<byte> data)
@@ -109,28 +146,53 @@ public sealed class FilterEngine
         var slots = Volatile.Read(ref _slots);
         int index = Array.IndexOf(slots, caller);
         if (stack.Depth >= MaxDepth && index + 1 < slots.Length) return new(IoStatus.NotReady);
-        var nested = new KernelStack(MaxDepth + 1);
-        nested.InitialiseFirst(stack.Context with { Offset = offset, Length = (int)data.Length, Operation = IoOperation.Write });
-        CopyDepth(stack, nested);
-        return RunWriteAsync(slots, index + 1, nested, offset, data, WriteFlags.None);
+        return NestedWriteAsync(slots, index + 1, stack, offset, data);
     }
 
-    /// <summary>A syscall's stack continues the caller's: its upcalls nest one level deeper.</summary>
-    private static void CopyDepth(KernelStack from, KernelStack to) => to.InheritDepth(from);
+    /// <summary>A syscall's own stack continues its caller's: the upcalls it makes nest one level deeper.</summary>
+    private async ValueTask<IoStatus> NestedReadAsync(FilterSlot[] slots, int from, KernelStack caller, long offset, Memory<byte> destination)
+    {
+        var nested = RentStack();
+        nested.InitialiseFirst(caller.Context with { Offset = offset, Length = destination.Length });
+        nested.InheritDepth(caller);
+        try
+        {
+            return await RunReadAsync(slots, from, nested, offset, destination);
+        }
+        finally
+        {
+            ReturnStack(nested);
+        }
+    }
+
+    private async ValueTask<IoStatus> NestedWriteAsync(FilterSlot[] slots, int from, KernelStack caller, long offset, ReadOnlySequence<byte> data)
+    {
+        var nested = RentStack();
+        nested.InitialiseFirst(caller.Context with { Offset = offset, Length = (int)data.Length, Operation = IoOperation.Write });
+        nested.InheritDepth(caller);
+        try
+        {
+            return await RunWriteAsync(slots, from, nested, offset, data, WriteFlags.None);
+        }
+        finally
+        {
+            ReturnStack(nested);
+        }
+    }
 
     private async ValueTask<IoStatus> RunReadAsync(FilterSlot[] slots, int from, KernelStack first, long offset, Memory<byte> destination)
     {
         ulong transforms = 0;   // filters (by index, up to 64) that see the data again on its way up
         for (int i = from; i < slots.Length; i++)
         {
-            var verdict = await CallAsync(slots[i], first, FilterPhase.Before, destination, default).ConfigureAwait(false);
+            var verdict = await CallAsync(slots[i], first, FilterPhase.Before, destination, default);
             if (verdict.Kind == VerdictKind.Fail) return verdict.Status;
-            if (verdict.Kind == VerdictKind.Complete) return await AfterReadAsync(slots, transforms, first, destination).ConfigureAwait(false);
+            if (verdict.Kind == VerdictKind.Complete) return await AfterReadAsync(slots, transforms, first, destination);
             if (verdict.Kind == VerdictKind.Transform && i < 64) transforms |= 1UL << i;
         }
-        var status = await Device.ReadAsync(offset, destination).ConfigureAwait(false);
+        var status = await Device.ReadAsync(offset, destination);
         if (status != IoStatus.Ok) return status;
-        return await AfterReadAsync(slots, transforms, first, destination).ConfigureAwait(false);
+        return await AfterReadAsync(slots, transforms, first, destination);
     }
 
     private async ValueTask<IoStatus> AfterReadAsync(FilterSlot[] slots, ulong transforms, KernelStack first, Memory<byte> data)
@@ -138,7 +200,7 @@ public sealed class FilterEngine
         for (int i = Math.Min(slots.Length, 64) - 1; i >= 0; i--)
         {
             if ((transforms & (1UL << i)) == 0) continue;
-            var verdict = await CallAsync(slots[i], first, FilterPhase.AfterRead, data, default).ConfigureAwait(false);
+            var verdict = await CallAsync(slots[i], first, FilterPhase.AfterRead, data, default);
             if (verdict.Kind == VerdictKind.Fail) return verdict.Status;
         }
         return IoStatus.Ok;
@@ -151,17 +213,17 @@ public sealed class FilterEngine
         {
             for (int i = from; i < slots.Length; i++)
             {
-                var (verdict, replaced, stack) = await CallForWriteAsync(slots[i], first, data).ConfigureAwait(false);
+                var (verdict, replaced, stack) = await CallForWriteAsync(slots[i], first, data);
                 if (stack is not null) held.Add(stack);
                 if (verdict.Kind == VerdictKind.Fail) return verdict.Status;
                 if (verdict.Kind == VerdictKind.Complete) return IoStatus.Ok;
                 if (replaced is { } bytes) data = new ReadOnlySequence<byte>(bytes);
             }
-            return await Device.WriteAsync(offset, data, flags).ConfigureAwait(false);
+            return await Device.WriteAsync(offset, data, flags);
         }
         finally
         {
-            foreach (var stack in held) stack.Release();
+            foreach (var stack in held) ReturnStack(stack);
         }
     }
 
@@ -169,19 +231,19 @@ public sealed class FilterEngine
 
     private async ValueTask<FilterVerdict> CallAsync(FilterSlot slot, KernelStack first, FilterPhase phase, Memory<byte> buffer, ReadOnlySequence<byte> data)
     {
-        var second = new KernelStack(MaxDepth + 1);
-        var (verdict, _, keep) = await UpcallAsync(slot, first, second, phase, buffer, data).ConfigureAwait(false);
-        if (!keep) second.Release();
+        var second = RentStack();
+        var (verdict, _, keep) = await UpcallAsync(slot, first, second, phase, buffer, data);
+        if (!keep) ReturnStack(second);
         return verdict;
     }
 
     private async ValueTask<(FilterVerdict, ReadOnlyMemory<byte>?, KernelStack?)> CallForWriteAsync(FilterSlot slot, KernelStack first, ReadOnlySequence<byte> data)
     {
-        var second = new KernelStack(MaxDepth + 1);
-        var (verdict, upcall, keep) = await UpcallAsync(slot, first, second, FilterPhase.Before, default, data).ConfigureAwait(false);
+        var second = RentStack();
+        var (verdict, upcall, keep) = await UpcallAsync(slot, first, second, FilterPhase.Before, default, data);
         var replaced = verdict.Kind == VerdictKind.Transform ? upcall?.ReplacedWriteData : null;
-        if (replaced is not null) return (verdict, replaced, second);   // released once the write is done
-        if (!keep) second.Release();
+        if (replaced is not null) return (verdict, replaced, second);   // returned once the write is done
+        if (!keep) ReturnStack(second);
         return (verdict, null, null);
     }
 
@@ -224,7 +286,7 @@ public sealed class FilterEngine
                 var task = pending.AsTask();
                 try
                 {
-                    verdict = await task.WaitAsync(slot.Options.UpcallDeadline).ConfigureAwait(false);
+                    verdict = await task.WaitAsync(slot.Options.UpcallDeadline);
                 }
                 catch (TimeoutException)
                 {
@@ -247,7 +309,7 @@ public sealed class FilterEngine
                 slot.Record(VerdictKind.Defer);
                 var left = first.Context.Deadline - DateTimeOffset.UtcNow;
                 if (left <= TimeSpan.Zero) return (FilterVerdict.Fail(IoStatus.NotReady), upcall, false);
-                await Task.Delay(TimeSpan.FromMilliseconds(Math.Min(verdict.DeferMilliseconds, left.TotalMilliseconds))).ConfigureAwait(false);
+                await Task.Delay(TimeSpan.FromMilliseconds(Math.Min(verdict.DeferMilliseconds, left.TotalMilliseconds)));
                 continue;
             }
             if (verdict.Kind == VerdictKind.Complete && phase == FilterPhase.AfterRead) verdict = FilterVerdict.Pass;

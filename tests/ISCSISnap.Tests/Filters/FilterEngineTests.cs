@@ -7,12 +7,63 @@ using Xunit;
 
 namespace ISCSISnap.Tests.Filters;
 
-/// <summary>The filter engine over a real file device: order, verdicts, transforms, nesting, faults, budgets, live changes.</summary>
-public sealed class FilterEngineTests : IAsyncLifetime
+/// <summary>The filter engine without worker threads (requests run on the caller's flow).</summary>
+public sealed class FilterEngineTests : FilterEngineTestsBase
 {
+    protected override KernelContext? Kernel => null;
+}
+
+/// <summary>The same, with requests run on the kernel context's IO worker threads.</summary>
+public sealed class FilterEngineOnWorkersTests : FilterEngineTestsBase
+{
+    private readonly KernelContext _kernel = new(workers: 1, maxDepth: 8, name: "test-io");
+    protected override KernelContext? Kernel => _kernel;
+
+    public override async Task DisposeAsync()
+    {
+        await base.DisposeAsync();
+        _kernel.Dispose();
+    }
+
+    [Fact]
+    public async Task Filters_run_on_the_worker_which_serves_other_requests_while_an_upcall_waits()
+    {
+        var gate = new TaskCompletionSource(TaskCreationOptions.RunContinuationsAsynchronously);
+        var threads = new ConcurrentQueue<string?>();
+        var waiting = NewEngine(name: "waiting");
+        waiting.Add(new Lambda("waits", async u =>
+        {
+            threads.Enqueue(Thread.CurrentThread.Name);
+            await gate.Task;   // a long syscall, say
+            return FilterVerdict.Pass;
+        }));
+        var other = NewEngine(name: "other");
+        other.Add(new Lambda("quick", u =>
+        {
+            threads.Enqueue(Thread.CurrentThread.Name);
+            return Verdict(FilterVerdict.Pass);
+        }));
+        var first = waiting.ReadAsync(Read(0, 4096), new byte[4096]).AsTask();
+        var buffer = new byte[4096];
+        // One worker only: the second request is served while the first one's upcall is still waiting.
+        Assert.Equal(IoStatus.Ok, await other.ReadAsync(Read(4096, 4096), buffer).AsTask().WaitAsync(TimeSpan.FromSeconds(5)));
+        Assert.False(first.IsCompleted);
+        gate.SetResult();
+        Assert.Equal(IoStatus.Ok, await first.WaitAsync(TimeSpan.FromSeconds(5)));
+        Assert.All(threads, name => Assert.Equal("test-io-0", name));
+    }
+}
+
+/// <summary>The filter engine over a real file device: order, verdicts, transforms, nesting, faults, budgets, live changes.</summary>
+public abstract class FilterEngineTestsBase : IAsyncLifetime
+{
+    protected abstract KernelContext? Kernel { get; }
+
+    protected FilterEngine NewEngine(int maxDepth = 8, string name = "lun0") => new(_device, name, maxDepth, kernel: Kernel);
+
     private const int Size = 4 << 20;
     private readonly TempDirectory _directory = new();
-    private FileBlockDevice _device = null!;
+    protected FileBlockDevice _device = null!;
     private readonly byte[] _content = new byte[Size];
 
     public async Task InitializeAsync()
@@ -24,31 +75,31 @@ public sealed class FilterEngineTests : IAsyncLifetime
         await Task.CompletedTask;
     }
 
-    public async Task DisposeAsync()
+    public virtual async Task DisposeAsync()
     {
         await _device.DisposeAsync();
         _directory.Dispose();
     }
 
-    private static RequestContext Read(long offset, int length) =>
+    protected static RequestContext Read(long offset, int length) =>
         new("lun0", "iqn.test:init", "nexus", IoOperation.Read, offset, length, DateTimeOffset.UtcNow.AddSeconds(30));
 
-    private static RequestContext Write(long offset, int length) => Read(offset, length) with { Operation = IoOperation.Write };
+    protected static RequestContext Write(long offset, int length) => Read(offset, length) with { Operation = IoOperation.Write };
 
     /// <summary>A filter made of two functions.</summary>
-    private sealed class Lambda(string name, Func<Upcall, ValueTask<FilterVerdict>> read, Func<Upcall, ValueTask<FilterVerdict>>? write = null) : IIoFilter
+    protected sealed class Lambda(string name, Func<Upcall, ValueTask<FilterVerdict>> read, Func<Upcall, ValueTask<FilterVerdict>>? write = null) : IIoFilter
     {
         public string Name => name;
         public ValueTask<FilterVerdict> OnReadAsync(Upcall upcall) => read(upcall);
         public ValueTask<FilterVerdict> OnWriteAsync(Upcall upcall) => (write ?? read)(upcall);
     }
 
-    private static ValueTask<FilterVerdict> Verdict(FilterVerdict verdict) => ValueTask.FromResult(verdict);
+    protected static ValueTask<FilterVerdict> Verdict(FilterVerdict verdict) => ValueTask.FromResult(verdict);
 
     [Fact]
     public async Task Without_filters_a_read_is_the_device_read()
     {
-        var engine = new FilterEngine(_device, "lun0");
+        var engine = NewEngine();
         var buffer = new byte[8192];
         Assert.Equal(IoStatus.Ok, await engine.ReadAsync(Read(4096, 8192), buffer));
         Assert.Equal(_content.AsSpan(4096, 8192).ToArray(), buffer);
@@ -58,7 +109,7 @@ public sealed class FilterEngineTests : IAsyncLifetime
     public async Task Filters_see_requests_top_down_and_transformed_reads_bottom_up()
     {
         var calls = new ConcurrentQueue<string>();
-        var engine = new FilterEngine(_device, "lun0");
+        var engine = NewEngine();
         foreach (var name in new[] { "a", "b", "c" })
             engine.Add(new Lambda(name, u =>
             {
@@ -72,7 +123,7 @@ public sealed class FilterEngineTests : IAsyncLifetime
     [Fact]
     public async Task Complete_answers_without_the_device_and_fail_returns_the_filters_status()
     {
-        var engine = new FilterEngine(_device, "lun0");
+        var engine = NewEngine();
         engine.Add(new Lambda("hit", u =>
         {
             u.ReadBuffer.Span.Fill(0x5A);
@@ -92,7 +143,7 @@ public sealed class FilterEngineTests : IAsyncLifetime
     public async Task Defer_runs_the_filter_again_after_the_delay()
     {
         int calls = 0;
-        var engine = new FilterEngine(_device, "lun0");
+        var engine = NewEngine();
         engine.Add(new Lambda("throttle", _ => Verdict(Interlocked.Increment(ref calls) < 3 ? FilterVerdict.Defer(20) : FilterVerdict.Pass)));
         var clock = System.Diagnostics.Stopwatch.StartNew();
         Assert.Equal(IoStatus.Ok, await engine.ReadAsync(Read(0, 4096), new byte[4096]));
@@ -105,7 +156,7 @@ public sealed class FilterEngineTests : IAsyncLifetime
     public async Task A_transforming_filter_rewrites_writes_on_the_way_down_and_reads_on_the_way_up()
     {
         static void Xor(Span<byte> data) { foreach (ref byte b in data) b ^= 0xA5; }
-        var engine = new FilterEngine(_device, "lun0");
+        var engine = NewEngine();
         engine.Add(new Lambda("xor",
             read: u =>
             {
@@ -137,7 +188,7 @@ public sealed class FilterEngineTests : IAsyncLifetime
     {
         var depths = new ConcurrentQueue<string>();
         var statuses = new ConcurrentQueue<IoStatus>();
-        var engine = new FilterEngine(_device, "lun0", maxDepth: 2);
+        var engine = NewEngine(maxDepth: 2);
         foreach (var name in new[] { "f1", "f2", "f3" })
             engine.Add(new Lambda(name, async u =>
             {
@@ -153,7 +204,7 @@ public sealed class FilterEngineTests : IAsyncLifetime
         Assert.Equal([IoStatus.NotReady, IoStatus.NotReady], statuses);
         Assert.All(engine.Filters, f => Assert.Equal(0, f.Faults));
 
-        var deeper = new FilterEngine(_device, "lun0", maxDepth: 4);
+        var deeper = NewEngine(maxDepth: 4);
         depths.Clear();
         foreach (var slot in engine.Filters) deeper.Add(slot.Filter);
         Assert.Equal(IoStatus.Ok, await deeper.ReadAsync(Read(0, 4096), new byte[4096]));
@@ -165,7 +216,7 @@ public sealed class FilterEngineTests : IAsyncLifetime
     public async Task A_filter_that_overruns_its_deadline_is_bypassed_and_its_late_syscalls_are_refused()
     {
         var late = new TaskCompletionSource<Exception?>();
-        var engine = new FilterEngine(_device, "lun0");
+        var engine = NewEngine();
         engine.Add(new Lambda("slow", async u =>
         {
             await Task.Delay(400);
@@ -191,7 +242,7 @@ public sealed class FilterEngineTests : IAsyncLifetime
     public async Task A_throwing_filter_fails_by_its_policy_and_is_quarantined_after_repeated_faults()
     {
         int calls = 0;
-        var engine = new FilterEngine(_device, "lun0");
+        var engine = NewEngine();
         engine.Add(new Lambda("broken", _ =>
         {
             Interlocked.Increment(ref calls);
@@ -210,7 +261,7 @@ public sealed class FilterEngineTests : IAsyncLifetime
     [InlineData("range")]
     public async Task Syscalls_outside_budgets_rights_or_the_request_fault_the_filter(string broken)
     {
-        var engine = new FilterEngine(_device, "lun0");
+        var engine = NewEngine();
         var options = new FilterOptions { MaxSyscallsPerUpcall = 2, MaxScratchBytes = 8192, Rights = FilterRights.Read, OnFault = FailurePolicy.Fail, FailureStatus = IoStatus.WriteError };
         engine.Add(new Lambda("greedy", async u =>
         {
@@ -239,7 +290,7 @@ public sealed class FilterEngineTests : IAsyncLifetime
     [Fact]
     public async Task Filters_come_and_go_while_reads_run_and_every_read_is_right()
     {
-        var engine = new FilterEngine(_device, "lun0");
+        var engine = NewEngine();
         using var stop = new CancellationTokenSource();
         int reads = 0;
         var readers = Enumerable.Range(0, 4).Select(seed => Task.Run(async () =>

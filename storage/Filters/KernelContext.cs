@@ -1,0 +1,124 @@
+using System.Collections.Concurrent;
+
+namespace ISCSISnap.Storage.Filters;
+
+/// <summary>
+/// The kernel context: a fixed set of IO worker threads. A filtered request is handed to one of them and runs there
+/// on its first kernel stack; the worker never blocks on a filter: while an upcall awaits (a syscall, a deferral),
+/// the worker serves other requests, and the request resumes on the worker when the upcall returns. Each worker
+/// keeps its own pool of kernel stacks. Threading: thread-safe; stacks are only touched on their worker.
+/// </summary>
+public sealed class KernelContext : IDisposable
+{
+    private readonly Worker[] _workers;
+    private int _next;
+
+    public KernelContext(int workers, int maxDepth = 8, string name = "iscsisnap-io")
+    {
+        ArgumentOutOfRangeException.ThrowIfLessThan(workers, 1);
+        ArgumentOutOfRangeException.ThrowIfGreaterThan(workers, 256);
+        MaxDepth = maxDepth;
+        _workers = Enumerable.Range(0, workers).Select(i => new Worker($"{name}-{i}", maxDepth + 1)).ToArray();
+    }
+
+    public int Workers => _workers.Length;
+    public int MaxDepth { get; }
+
+    /// <summary>Runs <paramref name="request"/> on a worker (round robin) and completes with its status.</summary>
+    internal Task<T> RunAsync<T>(Func<Worker, Task<T>> request)
+    {
+        var worker = _workers[(uint)Interlocked.Increment(ref _next) % (uint)_workers.Length];
+        return worker.RunAsync(request);
+    }
+
+    /// <summary>The worker the calling code runs on, if it runs on one of this context's.</summary>
+    internal static Worker? Current => SynchronizationContext.Current as Worker;
+
+    public void Dispose()
+    {
+        foreach (var worker in _workers) worker.Dispose();
+    }
+
+    /// <summary>One IO worker thread: a queue of continuations and the kernel stacks it lends to requests.</summary>
+    internal sealed class Worker : SynchronizationContext, IDisposable
+    {
+        private readonly ConcurrentQueue<(SendOrPostCallback Callback, object? State)> _queue = new();
+        private readonly SemaphoreSlim _ready = new(0);
+        private readonly Thread _thread;
+        private readonly Stack<KernelStack> _stacks = new();
+        private readonly int _maxFrames;
+        private volatile bool _stopping;
+
+        public Worker(string name, int maxFrames)
+        {
+            _maxFrames = maxFrames;
+            _thread = new Thread(Loop) { IsBackground = true, Name = name };
+            _thread.Start();
+        }
+
+        public override void Post(SendOrPostCallback d, object? state)
+        {
+            _queue.Enqueue((d, state));
+            _ready.Release();
+        }
+
+        public override void Send(SendOrPostCallback d, object? state) => throw new NotSupportedException("IO workers never block on each other");
+
+        public override SynchronizationContext CreateCopy() => this;
+
+        public Task<T> RunAsync<T>(Func<Worker, Task<T>> request)
+        {
+            var completion = new TaskCompletionSource<T>(TaskCreationOptions.RunContinuationsAsynchronously);
+            Post(static state =>
+            {
+                var (worker, run, done) = ((Worker, Func<Worker, Task<T>>, TaskCompletionSource<T>))state!;
+                Task<T> task;
+                try
+                {
+                    task = run(worker);
+                }
+                catch (Exception e)
+                {
+                    done.SetException(e);
+                    return;
+                }
+                if (task.IsCompletedSuccessfully) done.SetResult(task.Result);
+                else task.ContinueWith(static (t, d) =>
+                {
+                    var done = (TaskCompletionSource<T>)d!;
+                    if (t.IsCompletedSuccessfully) done.SetResult(t.Result);
+                    else if (t.IsCanceled) done.SetCanceled();
+                    else done.SetException(t.Exception!.InnerExceptions);
+                }, done, TaskContinuationOptions.ExecuteSynchronously);
+            }, (this, request, completion));
+            return completion.Task;
+        }
+
+        /// <summary>A kernel stack from this worker's pool (called on the worker).</summary>
+        public KernelStack RentStack() => _stacks.TryPop(out var stack) ? stack : new KernelStack(_maxFrames);
+
+        /// <summary>Back to the pool, cleared (called on the worker; a stack released elsewhere is simply dropped).</summary>
+        public void ReturnStack(KernelStack stack)
+        {
+            stack.Release();
+            if (Thread.CurrentThread == _thread && _stacks.Count < 256) _stacks.Push(stack);
+        }
+
+        private void Loop()
+        {
+            SetSynchronizationContext(this);
+            while (true)
+            {
+                _ready.Wait();
+                if (_stopping && _queue.IsEmpty) return;
+                while (_queue.TryDequeue(out var item)) item.Callback(item.State);
+            }
+        }
+
+        public void Dispose()
+        {
+            _stopping = true;
+            _ready.Release();
+        }
+    }
+}
