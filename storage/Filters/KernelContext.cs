@@ -27,12 +27,26 @@ public sealed class KernelContext : IDisposable
     /// <summary>Runs <paramref name="request"/> on a worker (round robin) and completes with its status.</summary>
     internal Task<T> RunAsync<T>(Func<Worker, Task<T>> request)
     {
+        // Already on one of the workers (the IO that led here continued on it): no hop.
+        if (Current is { } here && Array.IndexOf(_workers, here) >= 0)
+        {
+            var previous = SynchronizationContext.Current;
+            SynchronizationContext.SetSynchronizationContext(here);
+            try
+            {
+                return request(here);
+            }
+            finally
+            {
+                SynchronizationContext.SetSynchronizationContext(previous);
+            }
+        }
         var worker = _workers[(uint)Interlocked.Increment(ref _next) % (uint)_workers.Length];
         return worker.RunAsync(request);
     }
 
     /// <summary>The worker the calling code runs on, if it runs on one of this context's.</summary>
-    internal static Worker? Current => SynchronizationContext.Current as Worker;
+    internal static Worker? Current => Worker.OnThisThread;
 
     public void Dispose()
     {
@@ -48,6 +62,11 @@ public sealed class KernelContext : IDisposable
         private readonly Stack<KernelStack> _stacks = new();
         private readonly int _maxFrames;
         private volatile bool _stopping;
+
+        [ThreadStatic] private static Worker? t_worker;
+
+        /// <summary>The worker whose thread this is.</summary>
+        public static Worker? OnThisThread => t_worker;
 
         public Worker(string name, int maxFrames)
         {
@@ -68,7 +87,8 @@ public sealed class KernelContext : IDisposable
 
         public Task<T> RunAsync<T>(Func<Worker, Task<T>> request)
         {
-            var completion = new TaskCompletionSource<T>(TaskCreationOptions.RunContinuationsAsynchronously);
+            // The request goes on where its filters finished: the caller's continuation runs on this worker.
+            var completion = new TaskCompletionSource<T>();
             Post(static state =>
             {
                 var (worker, run, done) = ((Worker, Func<Worker, Task<T>>, TaskCompletionSource<T>))state!;
@@ -82,16 +102,31 @@ public sealed class KernelContext : IDisposable
                     done.SetException(e);
                     return;
                 }
-                if (task.IsCompletedSuccessfully) done.SetResult(task.Result);
-                else task.ContinueWith(static (t, d) =>
-                {
-                    var done = (TaskCompletionSource<T>)d!;
-                    if (t.IsCompletedSuccessfully) done.SetResult(t.Result);
-                    else if (t.IsCanceled) done.SetCanceled();
-                    else done.SetException(t.Exception!.InnerExceptions);
-                }, done, TaskContinuationOptions.ExecuteSynchronously);
+                if (task.IsCompletedSuccessfully) Complete(done, task);
+                else task.ContinueWith(static (t, d) => Complete((TaskCompletionSource<T>)d!, t), done, TaskContinuationOptions.ExecuteSynchronously);
             }, (this, request, completion));
             return completion.Task;
+        }
+
+        /// <summary>
+        /// Completes a request so that its caller goes on right here, on this thread, without a context (the
+        /// runtime runs an awaiting continuation inline only where no synchronization context is set); the IO
+        /// that follows finds itself on a worker and makes no further hop.
+        /// </summary>
+        private static void Complete<T>(TaskCompletionSource<T> done, Task<T> task)
+        {
+            var context = SynchronizationContext.Current;
+            SetSynchronizationContext(null);
+            try
+            {
+                if (task.IsCompletedSuccessfully) done.SetResult(task.Result);
+                else if (task.IsCanceled) done.SetCanceled();
+                else done.SetException(task.Exception!.InnerExceptions);
+            }
+            finally
+            {
+                SetSynchronizationContext(context);
+            }
         }
 
         /// <summary>A kernel stack from this worker's pool (called on the worker).</summary>
@@ -106,10 +141,18 @@ public sealed class KernelContext : IDisposable
 
         private void Loop()
         {
+            t_worker = this;
             SetSynchronizationContext(this);
             while (true)
             {
-                _ready.Wait();
+                // Spin briefly before parking: under IO the next request usually arrives within microseconds, and
+                // waking a parked thread costs more than that.
+                if (!_ready.Wait(0))
+                {
+                    var spinner = new SpinWait();
+                    while (!spinner.NextSpinWillYield && _queue.IsEmpty) spinner.SpinOnce();
+                    _ready.Wait();
+                }
                 if (_stopping && _queue.IsEmpty) return;
                 while (_queue.TryDequeue(out var item)) item.Callback(item.State);
             }
