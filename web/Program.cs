@@ -109,6 +109,7 @@ namespace ISCSISnap.Web
             builder.Services.AddSingleton(sp => new IscsiPortal(options.Iscsi, sp.GetRequiredService<TargetRegistry>(),
                 sp.GetRequiredService<ILoggerFactory>(), sp.GetRequiredService<ITargetMetrics>()));
             builder.Services.AddSingleton(_ => ISCSISnap.Storage.Disks.DiskManager.Open(Path.Combine(options.DataDirectory, "disks")));
+            builder.Services.AddSingleton(_ => new ISCSISnap.Storage.Filters.KernelContext(options.Filters.Workers, options.Filters.MaxDepth));
             builder.Services.AddSingleton<TargetService>();
             builder.Services.AddSingleton<JobService>();
             builder.Services.AddSingleton<DiskService>();

@@ -26,7 +26,7 @@ public sealed partial class LogicalUnit
             command.Complete(ScsiStatus.TaskSetFull);
             return ValueTask.CompletedTask;
         }
-        var io = Device.ReadAsync((long)lba << BlockShift, command.Buffer.AsMemory(0, length));
+        var io = FilteredReadAsync(command, (long)lba << BlockShift, command.Buffer.AsMemory(0, length));
         if (io.IsCompletedSuccessfully)
         {
             CompleteFrom(command, io.Result, write: false, length);
@@ -65,7 +65,7 @@ public sealed partial class LogicalUnit
             if (command.CarryLength == BlockSize)
             {
                 long blockStart = start + command.StreamedBytes - BlockSize;
-                var status = await GatedWriteAsync(blockStart, new ReadOnlySequence<byte>(carry, 0, BlockSize)).ConfigureAwait(false);
+                var status = await GatedWriteAsync(command, blockStart, new ReadOnlySequence<byte>(carry, 0, BlockSize)).ConfigureAwait(false);
                 command.CarryLength = 0;
                 if (status != IoStatus.Ok)
                 {
@@ -79,7 +79,7 @@ public sealed partial class LogicalUnit
         long whole = data.Length & ~(long)(BlockSize - 1);
         if (whole > 0)
         {
-            var status = await GatedWriteAsync(start + command.StreamedBytes, data.Slice(0, whole)).ConfigureAwait(false);
+            var status = await GatedWriteAsync(command, start + command.StreamedBytes, data.Slice(0, whole)).ConfigureAwait(false);
             command.StreamedBytes += whole;
             data = data.Slice(whole);
             if (status != IoStatus.Ok)
@@ -108,13 +108,13 @@ public sealed partial class LogicalUnit
     /// A device write inside the shared side of the write gate. The gate is held only for the device call, never
     /// while waiting for the network, so an atomic operation (COMPARE AND WRITE) never waits on an initiator.
     /// </summary>
-    private ValueTask<IoStatus> GatedWriteAsync(long offset, ReadOnlySequence<byte> data)
+    private ValueTask<IoStatus> GatedWriteAsync(ScsiCommand command, long offset, ReadOnlySequence<byte> data)
     {
-        if (!_writeGate.TryEnterShared()) return SlowGatedWriteAsync(offset, data);
+        if (!_writeGate.TryEnterShared()) return SlowGatedWriteAsync(command, offset, data);
         ValueTask<IoStatus> write;
         try
         {
-            write = Device.WriteAsync(offset, data, WriteFlags.None);
+            write = FilteredWriteAsync(command, offset, data);
         }
         catch
         {
@@ -135,12 +135,12 @@ public sealed partial class LogicalUnit
         }
     }
 
-    private async ValueTask<IoStatus> SlowGatedWriteAsync(long offset, ReadOnlySequence<byte> data)
+    private async ValueTask<IoStatus> SlowGatedWriteAsync(ScsiCommand command, long offset, ReadOnlySequence<byte> data)
     {
         await _writeGate.EnterSharedAsync().ConfigureAwait(false);
         try
         {
-            return await Device.WriteAsync(offset, data, WriteFlags.None).ConfigureAwait(false);
+            return await FilteredWriteAsync(command, offset, data).ConfigureAwait(false);
         }
         finally
         {

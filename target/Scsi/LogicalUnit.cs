@@ -43,6 +43,32 @@ public sealed partial class LogicalUnit : IAsyncDisposable
 
     public LogicalUnitIdentity Identity { get; }
     public IBlockDevice Device { get; }
+
+    /// <summary>
+    /// The LUN's IO filter stack: READ data and streamed WRITE data pass through it by upcalls; empty (or null) it
+    /// steps aside and the device is called directly.
+    /// </summary>
+    public ISCSISnap.Storage.Filters.FilterEngine? Filters { get; set; }
+
+    private static readonly TimeSpan FilteredRequestDeadline = TimeSpan.FromSeconds(30);
+
+    private ValueTask<IoStatus> FilteredReadAsync(ScsiCommand command, long offset, Memory<byte> destination)
+    {
+        var filters = Filters;
+        if (filters is null || filters.IsEmpty) return Device.ReadAsync(offset, destination);
+        return filters.ReadAsync(RequestOf(filters, command, ISCSISnap.Storage.Filters.IoOperation.Read, offset, destination.Length), destination);
+    }
+
+    private ValueTask<IoStatus> FilteredWriteAsync(ScsiCommand command, long offset, System.Buffers.ReadOnlySequence<byte> data)
+    {
+        var filters = Filters;
+        if (filters is null || filters.IsEmpty) return Device.WriteAsync(offset, data, WriteFlags.None);
+        return filters.WriteAsync(RequestOf(filters, command, ISCSISnap.Storage.Filters.IoOperation.Write, offset, (int)data.Length), data, WriteFlags.None);
+    }
+
+    private static ISCSISnap.Storage.Filters.RequestContext RequestOf(ISCSISnap.Storage.Filters.FilterEngine filters, ScsiCommand command,
+        ISCSISnap.Storage.Filters.IoOperation operation, long offset, int length) =>
+        new(filters.Lun, command.Nexus.InitiatorName, command.Nexus.Key, operation, offset, length, DateTimeOffset.UtcNow + FilteredRequestDeadline);
     public LogicalUnitOptions Options { get; }
     public ILunDirectory? Directory { get; set; }
     public ICopyTargetResolver? CopyTargets { get; set; }

@@ -19,6 +19,7 @@ public sealed class TargetService : IAsyncDisposable
 {
     private readonly ApplianceCatalog _catalog;
     private readonly DiskManager _disks;
+    private readonly ISCSISnap.Storage.Filters.KernelContext _kernel;
     private readonly TargetRegistry _registry;
     private readonly IscsiPortal _portal;
     private readonly ApplianceOptions _options;
@@ -27,10 +28,12 @@ public sealed class TargetService : IAsyncDisposable
     private readonly Dictionary<string, LunRecord> _lunRecords = new();
     private readonly CopyTargetResolver _copyTargets;
 
-    public TargetService(ApplianceCatalog catalog, DiskManager disks, TargetRegistry registry, IscsiPortal portal, ApplianceOptions options, ILogger<TargetService> log)
+    public TargetService(ApplianceCatalog catalog, DiskManager disks, ISCSISnap.Storage.Filters.KernelContext kernel, TargetRegistry registry, IscsiPortal portal,
+        ApplianceOptions options, ILogger<TargetService> log)
     {
         _catalog = catalog;
         _disks = disks;
+        _kernel = kernel;
         _registry = registry;
         _portal = portal;
         _options = options;
@@ -148,6 +151,8 @@ public sealed class TargetService : IAsyncDisposable
             TargetPortGroup = _options.Iscsi.PortalGroupTag,
         };
         unit.AbortTasksOfNexuses = (u, nexuses) => _portal.AbortTasksOfNexusesAsync(u, nexuses);
+        // Every LUN's data path goes through its filter stack (empty until filters are configured).
+        unit.Filters = new ISCSISnap.Storage.Filters.FilterEngine(device, $"{target.Name}/{record.Lun}", _options.Filters.MaxDepth, kernel: _kernel);
         target.AddLun((ulong)record.Lun, unit);
         _lunRecords[record.Id] = record;
         return unit;
@@ -433,6 +438,7 @@ public sealed class TargetService : IAsyncDisposable
             }
         }
         await _disks.DisposeAsync();
+        _kernel.Dispose();
     }
 
     private sealed class LunDirectory(IscsiTarget target) : ILunDirectory

@@ -10,6 +10,7 @@ public sealed class ApplianceOptions
     public WebOptions Web { get; set; } = new();
     public LoggingOptions Logging { get; set; } = new();
     public IscsiPortalOptions Iscsi { get; set; } = new();
+    public FilterOptionsSection Filters { get; set; } = new();
     /// <summary>Created once, when the appliance starts with an empty catalog.</summary>
     public DemoTargetOptions? DemoTarget { get; set; }
     /// <summary>Targets declared here are created if missing and their settings applied at every start.</summary>
@@ -28,6 +29,8 @@ public sealed class ApplianceOptions
             errors.Add($"logging.fileLevel '{Logging.FileLevel}' is not one of Verbose, Debug, Information, Warning, Error, Fatal");
         if (Logging.RetainedFiles is < 1 or > 1000) errors.Add("logging.retainedFiles must be 1-1000");
         errors.AddRange(Iscsi.Validate());
+        if (Filters.Workers is < 1 or > 64) errors.Add($"filters.workers {Filters.Workers} must be 1-64");
+        if (Filters.MaxDepth is < 1 or > 32) errors.Add($"filters.maxDepth {Filters.MaxDepth} must be 1-32");
         if (DemoTarget is { } demo)
         {
             if (!Names.IsValidTargetName(demo.Name)) errors.Add($"demoTarget.name '{demo.Name}' is not a valid iSCSI name (iqn., eui. or naa.)");
@@ -38,6 +41,13 @@ public sealed class ApplianceOptions
             errors.AddRange(Targets[i].Validate($"targets[{i}]", seen));
         return errors;
     }
+}
+
+/// <summary>The IO filter engine: its kernel context (IO worker threads) and how deep upcalls may nest.</summary>
+public sealed class FilterOptionsSection
+{
+    public int Workers { get; set; } = 2;
+    public int MaxDepth { get; set; } = 8;
 }
 
 public sealed class WebOptions
