@@ -110,6 +110,7 @@ namespace ISCSISnap.Web
                 sp.GetRequiredService<ILoggerFactory>(), sp.GetRequiredService<ITargetMetrics>()));
             builder.Services.AddSingleton(_ => ISCSISnap.Storage.Disks.DiskManager.Open(Path.Combine(options.DataDirectory, "disks")));
             builder.Services.AddSingleton(_ => new ISCSISnap.Storage.Filters.KernelContext(options.Filters.Workers, options.Filters.MaxDepth));
+            builder.Services.AddSingleton<ISCSISnap.Storage.Filters.IFilterObserver>(sp => new FilterMetrics(factory, sp.GetRequiredService<ILogger<FilterMetrics>>()));
             builder.Services.AddSingleton<TargetService>();
             builder.Services.AddSingleton<JobService>();
             builder.Services.AddSingleton<DiskService>();

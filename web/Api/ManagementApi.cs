@@ -13,6 +13,7 @@ public sealed record TargetDto(string Name, string? Alias, IReadOnlyList<string>
 public sealed record CreateTargetRequest(string? Name, string? Alias, List<string>? AllowedInitiators, ChapCredentials? Chap, ChapCredentials? MutualChap);
 public sealed record CreateLunRequest(int? Lun, long? SizeBytes, string? Image, string? Disk, int? BlockSize, bool? ReadOnly);
 public sealed record UpdateLunRequest(long? SizeBytes);
+public sealed record FilterDto(int Position, string Name, string OnFault, bool Quarantined, long Upcalls, long Faults, IReadOnlyDictionary<string, long> Verdicts);
 public sealed record AclDto(List<string>? AllowedInitiators);
 public sealed record ChapRequest(ChapCredentials? Chap, ChapCredentials? MutualChap);
 public sealed record ChapDto(ChapUserDto? Chap, ChapUserDto? MutualChap);
@@ -87,6 +88,15 @@ public static class ManagementApi
             await targets.GrowLunAsync(iqn, lun, size);
             var target = targets.GetTarget(iqn);
             return Results.Ok(ToDto((ulong)lun, target.GetLun((ulong)lun)!, targets.LunRecordOf(target, (ulong)lun)));
+        });
+
+        api.MapGet("/targets/{iqn}/luns/{lun:int}/filters", (string iqn, int lun, TargetService targets) =>
+        {
+            var target = targets.GetTarget(iqn);
+            var unit = target.GetLun((ulong)lun) ?? throw ApplianceError.NotFound($"no LUN {lun} on {target.Name}");
+            var filters = unit.Filters?.Filters ?? [];
+            return Results.Ok(filters.Select((f, i) => new FilterDto(i, f.Name, f.Options.OnFault.ToString().ToLowerInvariant(), f.IsQuarantined, f.Upcalls, f.Faults,
+                Enum.GetValues<ISCSISnap.Storage.Filters.VerdictKind>().ToDictionary(k => k.ToString().ToLowerInvariant(), f.VerdictCount))));
         });
 
         api.MapDelete("/targets/{iqn}/luns/{lun:int}", async (string iqn, int lun, TargetService targets) =>

@@ -20,6 +20,7 @@ public sealed class TargetService : IAsyncDisposable
     private readonly ApplianceCatalog _catalog;
     private readonly DiskManager _disks;
     private readonly ISCSISnap.Storage.Filters.KernelContext _kernel;
+    private readonly ISCSISnap.Storage.Filters.IFilterObserver _filterObserver;
     private readonly TargetRegistry _registry;
     private readonly IscsiPortal _portal;
     private readonly ApplianceOptions _options;
@@ -28,9 +29,10 @@ public sealed class TargetService : IAsyncDisposable
     private readonly Dictionary<string, LunRecord> _lunRecords = new();
     private readonly CopyTargetResolver _copyTargets;
 
-    public TargetService(ApplianceCatalog catalog, DiskManager disks, ISCSISnap.Storage.Filters.KernelContext kernel, TargetRegistry registry, IscsiPortal portal,
-        ApplianceOptions options, ILogger<TargetService> log)
+    public TargetService(ApplianceCatalog catalog, DiskManager disks, ISCSISnap.Storage.Filters.KernelContext kernel, ISCSISnap.Storage.Filters.IFilterObserver filterObserver,
+        TargetRegistry registry, IscsiPortal portal, ApplianceOptions options, ILogger<TargetService> log)
     {
+        _filterObserver = filterObserver;
         _catalog = catalog;
         _disks = disks;
         _kernel = kernel;
@@ -152,7 +154,7 @@ public sealed class TargetService : IAsyncDisposable
         };
         unit.AbortTasksOfNexuses = (u, nexuses) => _portal.AbortTasksOfNexusesAsync(u, nexuses);
         // Every LUN's data path goes through its filter stack (empty until filters are configured).
-        unit.Filters = new ISCSISnap.Storage.Filters.FilterEngine(device, $"{target.Name}/{record.Lun}", _options.Filters.MaxDepth, kernel: _kernel);
+        unit.Filters = new ISCSISnap.Storage.Filters.FilterEngine(device, $"{target.Name}/{record.Lun}", _options.Filters.MaxDepth, _filterObserver, _kernel);
         target.AddLun((ulong)record.Lun, unit);
         _lunRecords[record.Id] = record;
         return unit;

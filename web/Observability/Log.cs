@@ -57,6 +57,12 @@ internal static partial class Log
     [LoggerMessage(2304, LogLevel.Warning, "refused {File}: {Fault}")]
     public static partial void DiskRefused(ILogger logger, string file, string fault);
 
+    [LoggerMessage(2401, LogLevel.Warning, "filter {Filter} of LUN {Lun} faulted: {Reason} (quarantined: {Quarantined})")]
+    public static partial void FilterFault(ILogger logger, string lun, string filter, string reason, bool quarantined);
+
+    [LoggerMessage(2402, LogLevel.Information, "filter {Filter} of LUN {Lun}: {Message}")]
+    public static partial void FilterMessage(ILogger logger, string lun, string filter, string message);
+
     [LoggerMessage(2201, LogLevel.Warning, "refused a management request from {Remote}: the API is loopback-only until authentication arrives")]
     public static partial void NonLoopbackRefused(ILogger logger, string remote);
 }

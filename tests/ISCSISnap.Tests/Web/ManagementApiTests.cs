@@ -452,4 +452,13 @@ public sealed class ManagementApiTests(WebApplianceFixture fixture) : IClassFixt
         await AssertProblemAsync(await Http.GetAsync($"/api/v1/targets/{ApplianceProcess.DemoTarget}/luns/not-a-number"), 404);
         await AssertProblemAsync(await SendAsync(Http, HttpMethod.Delete, "/api/v1/sessions"), 405);
     }
+
+    [Fact]
+    public async Task A_luns_filter_stack_is_listed_and_starts_empty()
+    {
+        var filters = await GetJsonAsync(Http, $"/api/v1/targets/{ApplianceProcess.DemoTarget}/luns/0/filters");
+        Assert.Equal(JsonValueKind.Array, filters.ValueKind);
+        Assert.Equal(0, filters.GetArrayLength());
+        await AssertProblemAsync(await Http.GetAsync($"/api/v1/targets/{ApplianceProcess.DemoTarget}/luns/9/filters"), 404);
+    }
 }
