@@ -586,6 +586,15 @@ public sealed partial class DiskManager : IAsyncDisposable
         return GetSnapshot(frozenId);
     });
 
+    /// <summary>Creates an empty head file on <paramref name="snapshot"/> (closed again); returns the geometry it took.</summary>
+    private static (long Size, int SectorSize) CreateHeadOn(LayerRecord snapshot, Guid headId, string headPath)
+    {
+        var (dataWriteGuid, size, sectorSize) = LayerFiles.Describe(snapshot);
+        var linkage = snapshot.Format == LayerFormat.Raw ? snapshot.Id : dataWriteGuid;
+        LayerFiles.CreateChild(headPath, headId, snapshot.Path, linkage, size, sectorSize, blockSize: null).Dispose();
+        return (size, sectorSize);
+    }
+
     /// <summary>A new disk whose head sits on <paramref name="snapshotId"/> (a linked clone: the layers below are shared).</summary>
     public Task<DiskInfo> CloneAsync(Guid snapshotId, string name) => LockedAsync(() =>
     {
@@ -595,8 +604,7 @@ public sealed partial class DiskManager : IAsyncDisposable
         var diskId = Guid.NewGuid();
         var headId = Guid.NewGuid();
         string headPath = NewLayerPath(headId);
-        var (dataWriteGuid, size, sectorSize) = LayerFiles.Describe(snapshot);
-        LayerFiles.CreateChild(headPath, headId, snapshot.Path, snapshot.Format == LayerFormat.Raw ? snapshot.Id : dataWriteGuid, size, sectorSize, blockSize: null).Dispose();
+        var (size, sectorSize) = CreateHeadOn(snapshot, headId, headPath);
         var now = DateTimeOffset.UtcNow;
         try
         {
@@ -631,8 +639,7 @@ public sealed partial class DiskManager : IAsyncDisposable
         if (_pinned.ContainsKey(oldHead.Id)) throw DiskException.Conflict($"disk '{disk.Name}' is being exported; try again when that is done");
         var newHeadId = Guid.NewGuid();
         string newHeadPath = NewLayerPath(newHeadId);
-        var (dataWriteGuid, size, sectorSize) = LayerFiles.Describe(snapshot);
-        LayerFiles.CreateChild(newHeadPath, newHeadId, snapshot.Path, snapshot.Format == LayerFormat.Raw ? snapshot.Id : dataWriteGuid, size, sectorSize, blockSize: null).Dispose();
+        var (size, sectorSize) = CreateHeadOn(snapshot, newHeadId, newHeadPath);
         var now = DateTimeOffset.UtcNow;
         try
         {
