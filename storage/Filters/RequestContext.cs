@@ -31,7 +31,8 @@ public enum FilterRights : byte
 
 /// <summary>
 /// The request as the kernel context sees it; an upcall's second stack starts from a copy of it. Offsets and
-/// lengths are in bytes of the LUN.
+/// lengths are in bytes of the LUN; <see cref="Issued"/> is a <see cref="System.Diagnostics.Stopwatch"/> timestamp
+/// of when the IO path took the request (0 when unknown).
 /// </summary>
 public sealed record RequestContext(
     string Lun,
@@ -40,4 +41,5 @@ public sealed record RequestContext(
     IoOperation Operation,
     long Offset,
     int Length,
-    DateTimeOffset Deadline);
+    DateTimeOffset Deadline,
+    long Issued = 0);

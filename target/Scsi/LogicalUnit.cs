@@ -68,7 +68,8 @@ public sealed partial class LogicalUnit : IAsyncDisposable
 
     private static ISCSISnap.Storage.Filters.RequestContext RequestOf(ISCSISnap.Storage.Filters.FilterEngine filters, ScsiCommand command,
         ISCSISnap.Storage.Filters.IoOperation operation, long offset, int length) =>
-        new(filters.Lun, command.Nexus.InitiatorName, command.Nexus.Key, operation, offset, length, DateTimeOffset.UtcNow + FilteredRequestDeadline);
+        new(filters.Lun, command.Nexus.InitiatorName, command.Nexus.Key, operation, offset, length, DateTimeOffset.UtcNow + FilteredRequestDeadline,
+            System.Diagnostics.Stopwatch.GetTimestamp());
     public LogicalUnitOptions Options { get; }
     public ILunDirectory? Directory { get; set; }
     public ICopyTargetResolver? CopyTargets { get; set; }
