@@ -130,3 +130,41 @@ internal sealed class AtomicWriteJournal : IDisposable
         _one.Dispose();
     }
 }
+
+/// <summary>
+/// A device's atomic-write journal, opened at the first atomic write (most devices never see one) or at open when
+/// a crash left one to finish. Threading: thread-safe.
+/// </summary>
+internal sealed class LazyAtomicJournal(Func<AtomicWriteJournal> open) : IDisposable
+{
+    private readonly object _lock = new();
+    private AtomicWriteJournal? _journal;
+
+    /// <summary>Opens the journal now: one a crash left behind is applied before the device serves IO.</summary>
+    public void OpenNow()
+    {
+        lock (_lock) _journal ??= open();
+    }
+
+    public ValueTask<IoStatus> WriteAsync(long offset, ReadOnlyMemory<byte> data, CancellationToken cancellationToken)
+    {
+        AtomicWriteJournal journal;
+        lock (_lock)
+        {
+            try
+            {
+                journal = _journal ??= open();
+            }
+            catch (Exception e) when (e is IOException or StorageException or UnauthorizedAccessException)
+            {
+                return new(IoStatus.WriteError);
+            }
+        }
+        return journal.WriteAsync(offset, data, cancellationToken);
+    }
+
+    public void Dispose()
+    {
+        lock (_lock) _journal?.Dispose();
+    }
+}

@@ -15,12 +15,12 @@ public sealed class FileBlockDevice : IBlockDevice
 
     private readonly ImageFile _file;
     private long _length;
-    private AtomicWriteJournal? _journal;
-    private readonly object _journalLock = new();
+    private readonly LazyAtomicJournal _journal;
 
     private FileBlockDevice(ImageFile file, long length, int logicalBlockSize)
     {
         _file = file;
+        _journal = new LazyAtomicJournal(() => AtomicWriteJournal.Open(file.Path, file));
         _length = length;
         LogicalBlockSize = logicalBlockSize;
     }
@@ -64,7 +64,7 @@ public sealed class FileBlockDevice : IBlockDevice
             ValidateGeometry(path, length, logicalBlockSize);
             var device = new FileBlockDevice(file, length, logicalBlockSize);
             // A crash may have left a committed atomic write to finish.
-            if (!readOnly && File.Exists(path + ".atomic")) device._journal = AtomicWriteJournal.Open(path, file);
+            if (!readOnly && File.Exists(path + ".atomic")) device._journal.OpenNow();
             return device;
         }
         catch
@@ -138,25 +138,13 @@ public sealed class FileBlockDevice : IBlockDevice
 
     public int MaxAtomicWriteBytes => IsReadOnly ? 0 : AtomicWriteJournal.MaxDataBytes;
 
-    public async ValueTask<IoStatus> WriteAtomicAsync(long offset, ReadOnlyMemory<byte> data, WriteFlags flags, CancellationToken cancellationToken = default)
+    public ValueTask<IoStatus> WriteAtomicAsync(long offset, ReadOnlyMemory<byte> data, WriteFlags flags, CancellationToken cancellationToken = default)
     {
         var status = CheckWrite(offset, data.Length);
-        if (status != IoStatus.Ok) return status;
-        if (data.Length > MaxAtomicWriteBytes) return IoStatus.OutOfRange;
-        if (data.IsEmpty) return IoStatus.Ok;
-        AtomicWriteJournal journal;
-        lock (_journalLock)
-        {
-            try
-            {
-                journal = _journal ??= AtomicWriteJournal.Open(Path, _file);
-            }
-            catch (Exception e) when (e is IOException or StorageException or UnauthorizedAccessException)
-            {
-                return IoStatus.WriteError;
-            }
-        }
-        return await journal.WriteAsync(offset, data, cancellationToken).ConfigureAwait(false);
+        if (status != IoStatus.Ok) return new(status);
+        if (data.Length > MaxAtomicWriteBytes) return new(IoStatus.OutOfRange);
+        if (data.IsEmpty) return new(IoStatus.Ok);
+        return _journal.WriteAsync(offset, data, cancellationToken);
     }
 
     public ValueTask<IoStatus> GrowAsync(long newLength, CancellationToken cancellationToken = default)
@@ -186,7 +174,7 @@ public sealed class FileBlockDevice : IBlockDevice
 
     public ValueTask DisposeAsync()
     {
-        _journal?.Dispose();
+        _journal.Dispose();
         _file.Dispose();
         return ValueTask.CompletedTask;
     }

@@ -21,9 +21,7 @@ public sealed class ChainDevice : IBlockDevice
 
     private readonly SharedExclusiveGate _gate = new();
     private readonly int _sectorShift;
-    private readonly string? _atomicJournalPath;
-    private readonly object _journalLock = new();
-    private AtomicWriteJournal? _journal;
+    private readonly LazyAtomicJournal? _journal;
     private IChainLayer?[] _layers;
     private IWritableLayer? _head;
     private ushort _headIndex;
@@ -42,7 +40,7 @@ public sealed class ChainDevice : IBlockDevice
         _map = map;
         LogicalBlockSize = map.SectorSize;
         _sectorShift = System.Numerics.BitOperations.Log2((uint)LogicalBlockSize);
-        _atomicJournalPath = atomicJournalPath;
+        if (atomicJournalPath is not null) _journal = new LazyAtomicJournal(() => AtomicWriteJournal.Open(atomicJournalPath, ApplyDurablyAsync));
         var top = layers[^1];
         if (!readOnly && top is IWritableLayer { IsWritable: true } head)
         {
@@ -92,7 +90,7 @@ public sealed class ChainDevice : IBlockDevice
         {
             try
             {
-                device._journal = AtomicWriteJournal.Open(atomicJournalPath, device.ApplyDurablyAsync);   // a crash may have left an atomic write to finish
+                device._journal!.OpenNow();   // a crash may have left an atomic write to finish
             }
             catch
             {
@@ -424,27 +422,15 @@ public sealed class ChainDevice : IBlockDevice
         }
     }
 
-    public int MaxAtomicWriteBytes => IsReadOnly || _atomicJournalPath is null ? 0 : AtomicWriteJournal.MaxDataBytes;
+    public int MaxAtomicWriteBytes => IsReadOnly || _journal is null ? 0 : AtomicWriteJournal.MaxDataBytes;
 
-    public async ValueTask<IoStatus> WriteAtomicAsync(long offset, ReadOnlyMemory<byte> data, WriteFlags flags, CancellationToken cancellationToken = default)
+    public ValueTask<IoStatus> WriteAtomicAsync(long offset, ReadOnlyMemory<byte> data, WriteFlags flags, CancellationToken cancellationToken = default)
     {
         var status = CheckWrite(offset, data.Length);
-        if (status != IoStatus.Ok) return status;
-        if (data.Length > MaxAtomicWriteBytes) return IoStatus.OutOfRange;
-        if (data.IsEmpty) return IoStatus.Ok;
-        AtomicWriteJournal journal;
-        lock (_journalLock)
-        {
-            try
-            {
-                journal = _journal ??= AtomicWriteJournal.Open(_atomicJournalPath!, ApplyDurablyAsync);
-            }
-            catch (Exception e) when (e is IOException or StorageException or UnauthorizedAccessException)
-            {
-                return IoStatus.WriteError;
-            }
-        }
-        return await journal.WriteAsync(offset, data, cancellationToken).ConfigureAwait(false);
+        if (status != IoStatus.Ok) return new(status);
+        if (data.Length > MaxAtomicWriteBytes || _journal is null) return new(IoStatus.OutOfRange);
+        if (data.IsEmpty) return new(IoStatus.Ok);
+        return _journal.WriteAsync(offset, data, cancellationToken);
     }
 
     private ValueTask<IoStatus> ApplyDurablyAsync(long offset, ReadOnlyMemory<byte> data) =>
