@@ -77,6 +77,20 @@ public sealed class FilterEngine
         }
     }
 
+    /// <summary>A command is about to change <paramref name="offset"/>+<paramref name="length"/> without passing its data through the stack.</summary>
+    public void RangeChanging(long offset, long length)
+    {
+        foreach (var slot in Volatile.Read(ref _slots))
+            if (slot.Filter is IRangeChangeListener listener) listener.OnRangeChanging(offset, length);
+    }
+
+    /// <summary>The change announced by <see cref="RangeChanging"/> is done (or failed: the range may hold either data).</summary>
+    public void RangeChanged(long offset, long length)
+    {
+        foreach (var slot in Volatile.Read(ref _slots))
+            if (slot.Filter is IRangeChangeListener listener) listener.OnRangeChanged(offset, length);
+    }
+
     // ---------------------------------------------------------------- the IO path
 
     public ValueTask<IoStatus> ReadAsync(RequestContext request, Memory<byte> destination)

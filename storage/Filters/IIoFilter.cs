@@ -40,3 +40,15 @@ public interface IIoFilter
 
     ValueTask<FilterVerdict> OnWriteAsync(Upcall upcall);
 }
+
+/// <summary>
+/// Optional for a filter: told when a range of the LUN changes by a command whose data does not pass through the
+/// stack (UNMAP, WRITE SAME, EXTENDED COPY, COMPARE AND WRITE, ...), before the change and again once it is done,
+/// so state the filter keeps about those blocks (checksums, cached data) can be dropped. Called on the command's
+/// flow, not by upcall: it must only update the filter's own memory and must not block.
+/// </summary>
+public interface IRangeChangeListener
+{
+    void OnRangeChanging(long offset, long length);
+    void OnRangeChanged(long offset, long length);
+}

@@ -70,6 +70,13 @@ public sealed class Syscalls
         return _engine.WriteFromAsync(_upcall.Slot, _upcall.Stack, offset, new ReadOnlySequence<byte>(data));
     }
 
+    /// <summary>Makes every write completed below so far durable (the device's flush; what SYNCHRONIZE CACHE does).</summary>
+    public ValueTask<IoStatus> FlushBelowAsync()
+    {
+        Enter("flush_below", FilterRights.Write);
+        return _engine.Device.FlushAsync();
+    }
+
     /// <summary>The disk ID of the chain layer holding <paramref name="offset"/> (empty: no layer, zeros) and how many bytes from there it holds.</summary>
     public (Guid DiskId, long Bytes) ResolveOwner(long offset)
     {
