@@ -23,8 +23,16 @@ public interface IFilterObserver
 /// </summary>
 public sealed class FilterEngine
 {
-    private FilterSlot[] _slots = [];
+    private StackVersion _current = new([]);
+    private readonly List<StackVersion> _undrained = new();   // older versions requests may still run on
     private readonly object _change = new();
+
+    /// <summary>One version of the stack and the requests running on it, so a removed filter is disposed only once no request can call it.</summary>
+    private sealed class StackVersion(FilterSlot[] slots)
+    {
+        public readonly FilterSlot[] Slots = slots;
+        public int InFlight;
+    }
 
     public FilterEngine(IBlockDevice device, string lun, int maxDepth = 8, IFilterObserver? observer = null, KernelContext? kernel = null)
     {
@@ -48,8 +56,8 @@ public sealed class FilterEngine
     /// <summary>Deepest upcall nesting; a syscall that would go deeper fails with <see cref="IoStatus.NotReady"/>.</summary>
     public int MaxDepth { get; }
     public IFilterObserver? Observer { get; }
-    public IReadOnlyList<FilterSlot> Filters => Volatile.Read(ref _slots);
-    public bool IsEmpty => Volatile.Read(ref _slots).Length == 0;
+    public IReadOnlyList<FilterSlot> Filters => Volatile.Read(ref _current).Slots;
+    public bool IsEmpty => Volatile.Read(ref _current).Slots.Length == 0;
 
     /// <summary>Adds a filter at <paramref name="position"/> (0 = top, the first to see a request; null = bottom).</summary>
     public FilterSlot Add(IIoFilter filter, FilterOptions? options = null, int? position = null)
@@ -57,37 +65,90 @@ public sealed class FilterEngine
         var slot = new FilterSlot(filter, options);
         lock (_change)
         {
-            var slots = _slots.ToList();
+            var slots = _current.Slots.ToList();
             if (slots.Any(s => s.Name == filter.Name)) throw new ArgumentException($"a filter named '{filter.Name}' is already in the stack");
             int at = Math.Clamp(position ?? slots.Count, 0, slots.Count);
             slots.Insert(at, slot);
-            Volatile.Write(ref _slots, slots.ToArray());
+            Publish(slots.ToArray());
         }
         return slot;
     }
 
-    public bool Remove(string name)
+    /// <summary>Takes a filter out of the stack; requests already running may still call it (see <see cref="RemoveAsync"/>).</summary>
+    public bool Remove(string name) => Unpublish(name) is not null;
+
+    /// <summary>
+    /// Takes a filter out of the stack, waits until no request that started with it is still running, then disposes
+    /// it (when it is disposable). Returns false when no filter has that name.
+    /// </summary>
+    public async Task<bool> RemoveAsync(string name, CancellationToken cancellationToken = default)
+    {
+        if (Unpublish(name) is not { } removed) return false;
+        await DrainAsync(cancellationToken);
+        await DisposeFilterAsync(removed.Filter);
+        return true;
+    }
+
+    /// <summary>Empties the stack and disposes every filter once requests have left it (a LUN going away, a clean stop).</summary>
+    public async Task ClearAsync(CancellationToken cancellationToken = default)
+    {
+        FilterSlot[] removed;
+        lock (_change)
+        {
+            removed = _current.Slots;
+            if (removed.Length == 0) return;
+            Publish([]);
+        }
+        await DrainAsync(cancellationToken);
+        foreach (var slot in removed) await DisposeFilterAsync(slot.Filter);
+    }
+
+    private FilterSlot? Unpublish(string name)
     {
         lock (_change)
         {
-            var slots = _slots.Where(s => s.Name != name).ToArray();
-            if (slots.Length == _slots.Length) return false;
-            Volatile.Write(ref _slots, slots);
-            return true;
+            var removed = _current.Slots.FirstOrDefault(s => s.Name == name);
+            if (removed is null) return null;
+            Publish(_current.Slots.Where(s => s != removed).ToArray());
+            return removed;
         }
     }
+
+    private void Publish(FilterSlot[] slots)
+    {
+        _undrained.Add(_current);
+        Volatile.Write(ref _current, new StackVersion(slots));
+    }
+
+    /// <summary>Waits for every request that started on an older version of the stack.</summary>
+    private async Task DrainAsync(CancellationToken cancellationToken)
+    {
+        List<StackVersion> older;
+        lock (_change) older = _undrained.ToList();
+        foreach (var version in older)
+            while (Volatile.Read(ref version.InFlight) > 0) await Task.Delay(5, cancellationToken);
+        lock (_change) _undrained.RemoveAll(older.Contains);
+    }
+
+    private static async ValueTask DisposeFilterAsync(IIoFilter filter)
+    {
+        if (filter is IAsyncDisposable asyncDisposable) await asyncDisposable.DisposeAsync();
+        else if (filter is IDisposable disposable) disposable.Dispose();
+    }
+
+    /// <summary>A command is about to change <paramref name="offset"/>+<paramref name="length"/> without passing its data through the stack.</summary>
 
     /// <summary>A command is about to change <paramref name="offset"/>+<paramref name="length"/> without passing its data through the stack.</summary>
     public void RangeChanging(long offset, long length)
     {
-        foreach (var slot in Volatile.Read(ref _slots))
+        foreach (var slot in Volatile.Read(ref _current).Slots)
             if (slot.Filter is IRangeChangeListener listener) listener.OnRangeChanging(offset, length);
     }
 
     /// <summary>The change announced by <see cref="RangeChanging"/> is done (or failed: the range may hold either data).</summary>
     public void RangeChanged(long offset, long length)
     {
-        foreach (var slot in Volatile.Read(ref _slots))
+        foreach (var slot in Volatile.Read(ref _current).Slots)
             if (slot.Filter is IRangeChangeListener listener) listener.OnRangeChanged(offset, length);
     }
 
@@ -95,46 +156,50 @@ public sealed class FilterEngine
 
     public ValueTask<IoStatus> ReadAsync(RequestContext request, Memory<byte> destination)
     {
-        var slots = Volatile.Read(ref _slots);
-        if (slots.Length == 0) return Device.ReadAsync(request.Offset, destination);
-        if (Kernel is { } kernel) return new(kernel.RunAsync(_ => StartRead(slots, request, destination).AsTask()));
-        return StartRead(slots, request, destination);
+        var version = Volatile.Read(ref _current);
+        if (version.Slots.Length == 0) return Device.ReadAsync(request.Offset, destination);
+        if (Kernel is { } kernel) return new(kernel.RunAsync(_ => StartRead(version, request, destination).AsTask()));
+        return StartRead(version, request, destination);
     }
 
     public ValueTask<IoStatus> WriteAsync(RequestContext request, ReadOnlySequence<byte> data, WriteFlags flags)
     {
-        var slots = Volatile.Read(ref _slots);
-        if (slots.Length == 0) return Device.WriteAsync(request.Offset, data, flags);
-        if (Kernel is { } kernel) return new(kernel.RunAsync(_ => StartWrite(slots, request, data, flags).AsTask()));
-        return StartWrite(slots, request, data, flags);
+        var version = Volatile.Read(ref _current);
+        if (version.Slots.Length == 0) return Device.WriteAsync(request.Offset, data, flags);
+        if (Kernel is { } kernel) return new(kernel.RunAsync(_ => StartWrite(version, request, data, flags).AsTask()));
+        return StartWrite(version, request, data, flags);
     }
 
     /// <summary>The request on its first kernel stack (a worker's, when it runs on one).</summary>
-    private async ValueTask<IoStatus> StartRead(FilterSlot[] slots, RequestContext request, Memory<byte> destination)
+    private async ValueTask<IoStatus> StartRead(StackVersion version, RequestContext request, Memory<byte> destination)
     {
+        Interlocked.Increment(ref version.InFlight);
         var first = RentStack();
         first.InitialiseFirst(request);
         try
         {
-            return await RunReadAsync(slots, 0, first, request.Offset, destination);
+            return await RunReadAsync(version.Slots, 0, first, request.Offset, destination);
         }
         finally
         {
             ReturnStack(first);
+            Interlocked.Decrement(ref version.InFlight);
         }
     }
 
-    private async ValueTask<IoStatus> StartWrite(FilterSlot[] slots, RequestContext request, ReadOnlySequence<byte> data, WriteFlags flags)
+    private async ValueTask<IoStatus> StartWrite(StackVersion version, RequestContext request, ReadOnlySequence<byte> data, WriteFlags flags)
     {
+        Interlocked.Increment(ref version.InFlight);
         var first = RentStack();
         first.InitialiseFirst(request);
         try
         {
-            return await RunWriteAsync(slots, 0, first, request.Offset, data, flags);
+            return await RunWriteAsync(version.Slots, 0, first, request.Offset, data, flags);
         }
         finally
         {
             ReturnStack(first);
+            Interlocked.Decrement(ref version.InFlight);
         }
     }
 
@@ -147,18 +212,19 @@ public sealed class FilterEngine
     }
 
     /// <summary>A read syscall of <paramref name="caller"/>: the filters below it, then the device.</summary>
-    internal ValueTask<IoStatus> ReadFromAsync(FilterSlot caller, KernelStack stack, long offset, Memory<byte> destination)
+    internal ValueTask<IoStatus> ReadFromAsync(Upcall upcall, long offset, Memory<byte> destination)
     {
-        var slots = Volatile.Read(ref _slots);
-        int index = Array.IndexOf(slots, caller);
+        // The request's own version of the stack: a filter removed meanwhile still reads what was below it.
+        var (slots, stack) = (upcall.Slots, upcall.Stack);
+        int index = Array.IndexOf(slots, upcall.Slot);
         if (stack.Depth >= MaxDepth && index + 1 < slots.Length) return new(IoStatus.NotReady);
         return NestedReadAsync(slots, index + 1, stack, offset, destination);
     }
 
-    internal ValueTask<IoStatus> WriteFromAsync(FilterSlot caller, KernelStack stack, long offset, ReadOnlySequence<byte> data)
+    internal ValueTask<IoStatus> WriteFromAsync(Upcall upcall, long offset, ReadOnlySequence<byte> data)
     {
-        var slots = Volatile.Read(ref _slots);
-        int index = Array.IndexOf(slots, caller);
+        var (slots, stack) = (upcall.Slots, upcall.Stack);
+        int index = Array.IndexOf(slots, upcall.Slot);
         if (stack.Depth >= MaxDepth && index + 1 < slots.Length) return new(IoStatus.NotReady);
         return NestedWriteAsync(slots, index + 1, stack, offset, data);
     }
@@ -199,7 +265,7 @@ public sealed class FilterEngine
         ulong transforms = 0;   // filters (by index, up to 64) that see the data again on its way up
         for (int i = from; i < slots.Length; i++)
         {
-            var verdict = await CallAsync(slots[i], first, FilterPhase.Before, destination, default);
+            var verdict = await CallAsync(slots, slots[i], first, FilterPhase.Before, destination, default);
             if (verdict.Kind == VerdictKind.Fail) return verdict.Status;
             if (verdict.Kind == VerdictKind.Complete) return await AfterReadAsync(slots, transforms, first, destination);
             if (verdict.Kind == VerdictKind.Transform && i < 64) transforms |= 1UL << i;
@@ -214,7 +280,7 @@ public sealed class FilterEngine
         for (int i = Math.Min(slots.Length, 64) - 1; i >= 0; i--)
         {
             if ((transforms & (1UL << i)) == 0) continue;
-            var verdict = await CallAsync(slots[i], first, FilterPhase.AfterRead, data, default);
+            var verdict = await CallAsync(slots, slots[i], first, FilterPhase.AfterRead, data, default);
             if (verdict.Kind == VerdictKind.Fail) return verdict.Status;
         }
         return IoStatus.Ok;
@@ -222,39 +288,51 @@ public sealed class FilterEngine
 
     private async ValueTask<IoStatus> RunWriteAsync(FilterSlot[] slots, int from, KernelStack first, long offset, ReadOnlySequence<byte> data, WriteFlags flags)
     {
-        var held = new List<KernelStack>();   // stacks whose scratch holds replaced data until the write is done
+        List<KernelStack>? held = null;   // stacks whose scratch holds replaced data until the write is done
+        ulong after = 0;                  // filters (by index, up to 64) called again once the write is done
         try
         {
-            for (int i = from; i < slots.Length; i++)
+            int i = from;
+            IoStatus status = IoStatus.Ok;
+            for (; i < slots.Length; i++)
             {
-                var (verdict, replaced, stack) = await CallForWriteAsync(slots[i], first, data);
-                if (stack is not null) held.Add(stack);
+                var (verdict, replaced, stack) = await CallForWriteAsync(slots, slots[i], first, data);
+                if (stack is not null) (held ??= new()).Add(stack);
                 if (verdict.Kind == VerdictKind.Fail) return verdict.Status;
-                if (verdict.Kind == VerdictKind.Complete) return IoStatus.Ok;
+                if (verdict.Kind == VerdictKind.Complete) break;
                 if (replaced is { } bytes) data = new ReadOnlySequence<byte>(bytes);
+                else if (verdict.Kind == VerdictKind.Transform && i < 64) after |= 1UL << i;
             }
-            return await Device.WriteAsync(offset, data, flags);
+            if (i == slots.Length) status = await Device.WriteAsync(offset, data, flags);
+            if (status != IoStatus.Ok || after == 0) return status;
+            for (int j = Math.Min(slots.Length, 64) - 1; j >= 0; j--)
+            {
+                if ((after & (1UL << j)) == 0) continue;
+                var verdict = await CallAsync(slots, slots[j], first, FilterPhase.AfterWrite, default, data);
+                if (verdict.Kind == VerdictKind.Fail) return verdict.Status;
+            }
+            return IoStatus.Ok;
         }
         finally
         {
-            foreach (var stack in held) ReturnStack(stack);
+            if (held is not null) foreach (var stack in held) ReturnStack(stack);
         }
     }
 
     // ---------------------------------------------------------------- upcalls
 
-    private async ValueTask<FilterVerdict> CallAsync(FilterSlot slot, KernelStack first, FilterPhase phase, Memory<byte> buffer, ReadOnlySequence<byte> data)
+    private async ValueTask<FilterVerdict> CallAsync(FilterSlot[] slots, FilterSlot slot, KernelStack first, FilterPhase phase, Memory<byte> buffer, ReadOnlySequence<byte> data)
     {
         var second = RentStack();
-        var (verdict, _, keep) = await UpcallAsync(slot, first, second, phase, buffer, data);
+        var (verdict, _, keep) = await UpcallAsync(slots, slot, first, second, phase, buffer, data);
         if (!keep) ReturnStack(second);
         return verdict;
     }
 
-    private async ValueTask<(FilterVerdict, ReadOnlyMemory<byte>?, KernelStack?)> CallForWriteAsync(FilterSlot slot, KernelStack first, ReadOnlySequence<byte> data)
+    private async ValueTask<(FilterVerdict, ReadOnlyMemory<byte>?, KernelStack?)> CallForWriteAsync(FilterSlot[] slots, FilterSlot slot, KernelStack first, ReadOnlySequence<byte> data)
     {
         var second = RentStack();
-        var (verdict, upcall, keep) = await UpcallAsync(slot, first, second, FilterPhase.Before, default, data);
+        var (verdict, upcall, keep) = await UpcallAsync(slots, slot, first, second, FilterPhase.Before, default, data);
         var replaced = verdict.Kind == VerdictKind.Transform ? upcall?.ReplacedWriteData : null;
         if (replaced is not null) return (verdict, replaced, second);   // returned once the write is done
         if (!keep) ReturnStack(second);
@@ -267,7 +345,7 @@ public sealed class FilterEngine
     /// still running after its deadline keeps its stack until it returns).
     /// </summary>
     private async ValueTask<(FilterVerdict Verdict, Upcall? Upcall, bool KeepStack)> UpcallAsync(
-        FilterSlot slot, KernelStack first, KernelStack second, FilterPhase phase, Memory<byte> buffer, ReadOnlySequence<byte> data)
+        FilterSlot[] slots, FilterSlot slot, KernelStack first, KernelStack second, FilterPhase phase, Memory<byte> buffer, ReadOnlySequence<byte> data)
     {
         if (slot.IsQuarantined) return (PolicyVerdict(slot), null, false);
         if (!second.InitialiseFrom(first, slot.Name) || second.Depth > MaxDepth)
@@ -275,7 +353,7 @@ public sealed class FilterEngine
             Faulted(slot, $"upcall depth {second.Depth} exceeds the limit of {MaxDepth}");
             return (PolicyVerdict(slot), null, false);
         }
-        var upcall = new Upcall(slot, second, phase, buffer, data, this);
+        var upcall = new Upcall(slots, slot, first, second, phase, buffer, data, this);
         long started = Stopwatch.GetTimestamp();
         while (true)
         {
@@ -321,14 +399,16 @@ public sealed class FilterEngine
             {
                 // Throttled: try again later, never past the request's deadline.
                 slot.Record(VerdictKind.Defer);
+                if (phase == FilterPhase.Before) first.RecordVerdict(slot.Name, VerdictKind.Defer);
                 var left = first.Context.Deadline - DateTimeOffset.UtcNow;
                 if (left <= TimeSpan.Zero) return (FilterVerdict.Fail(IoStatus.NotReady), upcall, false);
                 await Task.Delay(TimeSpan.FromMilliseconds(Math.Min(verdict.DeferMilliseconds, left.TotalMilliseconds)));
                 continue;
             }
-            if (verdict.Kind == VerdictKind.Complete && phase == FilterPhase.AfterRead) verdict = FilterVerdict.Pass;
+            if (verdict.Kind is VerdictKind.Complete or VerdictKind.Transform && phase != FilterPhase.Before) verdict = FilterVerdict.Pass;
             upcall.Syscalls.Expired = true;
             slot.Record(verdict.Kind);
+            if (phase == FilterPhase.Before) first.RecordVerdict(slot.Name, verdict.Kind);
             Observer?.OnUpcall(Lun, slot.Name, verdict.Kind, Stopwatch.GetElapsedTime(started).TotalSeconds);
             return (verdict, upcall, false);
         }

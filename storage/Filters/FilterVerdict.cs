@@ -14,7 +14,8 @@ public enum VerdictKind : byte
     Defer,
     /// <summary>
     /// Go on down the stack with the data the filter rewrote in place (a write encrypted, say); for reads the filter
-    /// is called again once the data is in (<see cref="FilterPhase.AfterRead"/>) to transform it on its way up.
+    /// is called again once the data is in (<see cref="FilterPhase.AfterRead"/>) to transform or check it on its way
+    /// up; for a write that kept its data, once the write is done (<see cref="FilterPhase.AfterWrite"/>).
     /// </summary>
     Transform,
 }

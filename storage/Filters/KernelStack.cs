@@ -11,6 +11,7 @@ public sealed class KernelStack
 {
     private readonly List<string> _frames = new();
     private readonly List<byte[]> _scratch = new();
+    private readonly List<(string, VerdictKind)> _verdicts = new();
     private const int MaxScratchBuffer = 32 << 20;   // the largest buffer the pinned pool hands out
     private int _scratchBytes;
 
@@ -22,12 +23,20 @@ public sealed class KernelStack
     public RequestContext Context { get; private set; } = null!;
     public IReadOnlyList<string> Frames => _frames;
     public int ScratchBytes => _scratchBytes;
+    /// <summary>Verdicts given on the way down for the request on this (first) stack.</summary>
+    public IReadOnlyList<(string Filter, VerdictKind Verdict)> Verdicts => _verdicts;
+
+    internal void RecordVerdict(string filter, VerdictKind verdict)
+    {
+        if (_verdicts.Count < 64) _verdicts.Add((filter, verdict));   // a request deferred many times keeps its first 64
+    }
 
     /// <summary>Makes this stack the first stack of a request.</summary>
     internal void InitialiseFirst(RequestContext context)
     {
         Context = context;
         Depth = 0;
+        _verdicts.Clear();
     }
 
     /// <summary>A stack made for a syscall continues its caller's nesting: its upcalls run one level deeper.</summary>
@@ -74,6 +83,7 @@ public sealed class KernelStack
         _scratch.Clear();
         _scratchBytes = 0;
         _frames.Clear();
+        _verdicts.Clear();
         Depth = 0;
         Context = null!;
     }

@@ -13,6 +13,8 @@ public enum FilterPhase : byte
     Before,
     /// <summary>On the way up, for a read whose filter asked to <see cref="VerdictKind.Transform"/> it: the data is in the buffer.</summary>
     AfterRead,
+    /// <summary>After a write whose filter gave <see cref="VerdictKind.Transform"/> without replacing its data landed below (record-keeping, e.g. checksums).</summary>
+    AfterWrite,
 }
 
 /// <summary>What a filter may do through its syscalls.</summary>

@@ -59,7 +59,7 @@ public sealed class Syscalls
     {
         Enter("read_below", FilterRights.Read);
         CheckRange("read_below", offset, destination.Length);
-        return _engine.ReadFromAsync(_upcall.Slot, _upcall.Stack, offset, destination);
+        return _engine.ReadFromAsync(_upcall, offset, destination);
     }
 
     /// <summary>Writes to what lies below this filter.</summary>
@@ -67,7 +67,7 @@ public sealed class Syscalls
     {
         Enter("write_below", FilterRights.Write);
         CheckRange("write_below", offset, data.Length);
-        return _engine.WriteFromAsync(_upcall.Slot, _upcall.Stack, offset, new ReadOnlySequence<byte>(data));
+        return _engine.WriteFromAsync(_upcall, offset, new ReadOnlySequence<byte>(data));
     }
 
     /// <summary>Makes every write completed below so far durable (the device's flush; what SYNCHRONIZE CACHE does).</summary>

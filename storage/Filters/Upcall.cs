@@ -9,8 +9,11 @@ namespace ISCSISnap.Storage.Filters;
 /// </summary>
 public sealed class Upcall
 {
-    internal Upcall(FilterSlot slot, KernelStack stack, FilterPhase phase, Memory<byte> readBuffer, ReadOnlySequence<byte> writeData, FilterEngine engine)
+    internal Upcall(FilterSlot[] slots, FilterSlot slot, KernelStack first, KernelStack stack, FilterPhase phase, Memory<byte> readBuffer,
+        ReadOnlySequence<byte> writeData, FilterEngine engine)
     {
+        Slots = slots;
+        First = first;
         Slot = slot;
         Stack = stack;
         Phase = phase;
@@ -19,7 +22,11 @@ public sealed class Upcall
         Syscalls = new Syscalls(this, engine);
     }
 
+    /// <summary>The stack as the request saw it when it started.</summary>
+    internal FilterSlot[] Slots { get; }
     internal FilterSlot Slot { get; }
+    /// <summary>The stack the upcall was made from (the request's, or a syscall's).</summary>
+    internal KernelStack First { get; }
     internal KernelStack Stack { get; }
     internal int SyscallCount;
     /// <summary>Write data a transforming filter put in place of the initiator's (a scratch buffer of its stack).</summary>
@@ -31,7 +38,9 @@ public sealed class Upcall
     public int Depth => Stack.Depth;
     /// <summary>A read's buffer: empty on the way down unless a filter above completed it; the data on <see cref="FilterPhase.AfterRead"/>.</summary>
     public Memory<byte> ReadBuffer { get; }
-    /// <summary>A write's data as it stands at this filter.</summary>
+    /// <summary>A write's data as it stands at this filter (on <see cref="FilterPhase.AfterWrite"/>: as it went down).</summary>
     public ReadOnlySequence<byte> WriteData { get; }
     public Syscalls Syscalls { get; }
+    /// <summary>The verdicts filters gave this request on its way down so far, in order (a trace filter reads them on the way up).</summary>
+    public IReadOnlyList<(string Filter, VerdictKind Verdict)> Verdicts => First.Verdicts;
 }

@@ -2,19 +2,23 @@ using System.Diagnostics;
 
 namespace ISCSISnap.Storage.Filters.BuiltIn;
 
-/// <summary>One traced IO. <see cref="LatencyMicroseconds"/> is from the IO path taking the request to the data
-/// coming back up through this filter (reads; null for writes, which this filter sees only on the way down).</summary>
+/// <summary>
+/// One traced IO. <see cref="LatencyMicroseconds"/> runs from the IO path taking the request to the request coming
+/// back up through this filter (null when the IO path gave no timestamp). <see cref="Verdicts"/> lists what the
+/// filters below this one decided ("checksum:transform qos:defer qos:pass"), in order.
+/// </summary>
 public readonly record struct TraceRecord(
-    DateTimeOffset At, string Lun, string Initiator, IoOperation Operation, long Offset, int Length, double? LatencyMicroseconds);
+    DateTimeOffset At, string Lun, string Initiator, IoOperation Operation, long Offset, int Length, double? LatencyMicroseconds, string Verdicts);
 
 /// <summary>
 /// Samples every <c>sampleEvery</c>-th IO into a bounded ring (the newest <c>capacity</c> records) for the console
-/// to show. It never changes an IO: reads pass on the way down and are recorded on the way up. Threading: thread-safe.
+/// to show. It never changes an IO: a sampled request passes on the way down (a transform verdict that leaves the
+/// data alone) and is recorded on the way up, with its latency and the verdicts of the filters below. Put it on top
+/// of the stack to see every filter's verdict. Threading: thread-safe.
 /// </summary>
 public sealed class TraceFilter : IIoFilter
 {
     private readonly TraceRecord[] _ring;
-    private readonly int _sampleEvery;
     private long _seen, _written;
     private readonly object _lock = new();
 
@@ -23,47 +27,71 @@ public sealed class TraceFilter : IIoFilter
         ArgumentOutOfRangeException.ThrowIfLessThan(sampleEvery, 1);
         ArgumentOutOfRangeException.ThrowIfLessThan(capacity, 1);
         ArgumentOutOfRangeException.ThrowIfGreaterThan(capacity, 1 << 20);
-        _sampleEvery = sampleEvery;
+        SampleEvery = sampleEvery;
         _ring = new TraceRecord[capacity];
     }
 
     public string Name => "trace";
+    public int SampleEvery { get; }
+    public int Capacity => _ring.Length;
+    /// <summary>IOs seen, sampled or not.</summary>
+    public long Seen => Interlocked.Read(ref _seen);
 
-    /// <summary>The records kept, oldest first.</summary>
-    public IReadOnlyList<TraceRecord> Records
+    /// <summary>The newest <paramref name="limit"/> records kept, oldest first.</summary>
+    public IReadOnlyList<TraceRecord> Newest(int limit = int.MaxValue)
     {
-        get
+        lock (_lock)
         {
-            lock (_lock)
-            {
-                int count = (int)Math.Min(_written, _ring.Length);
-                var records = new TraceRecord[count];
-                for (int i = 0; i < count; i++) records[i] = _ring[(_written - count + i) % _ring.Length];
-                return records;
-            }
+            int count = (int)Math.Min(Math.Min(_written, _ring.Length), Math.Max(0, limit));
+            var records = new TraceRecord[count];
+            for (int i = 0; i < count; i++) records[i] = _ring[(_written - count + i) % _ring.Length];
+            return records;
         }
     }
 
-    public ValueTask<FilterVerdict> OnReadAsync(Upcall upcall)
+    /// <summary>Every record kept, oldest first.</summary>
+    public IReadOnlyList<TraceRecord> Records => Newest();
+
+    public ValueTask<FilterVerdict> OnReadAsync(Upcall upcall) => new(Trace(upcall));
+
+    public ValueTask<FilterVerdict> OnWriteAsync(Upcall upcall) => new(Trace(upcall));
+
+    private FilterVerdict Trace(Upcall upcall)
     {
-        if (upcall.Phase == FilterPhase.Before) return new(Sampled() ? FilterVerdict.Transform : FilterVerdict.Pass);
+        if (upcall.Phase == FilterPhase.Before) return Sampled() ? FilterVerdict.Transform : FilterVerdict.Pass;
         var request = upcall.Request;
         double? latency = request.Issued == 0 ? null : Stopwatch.GetElapsedTime(request.Issued).TotalMicroseconds;
-        Record(new TraceRecord(DateTimeOffset.UtcNow, request.Lun, request.Initiator, request.Operation, request.Offset, request.Length, latency));
-        return new(FilterVerdict.Pass);
+        Record(new TraceRecord(DateTimeOffset.UtcNow, request.Lun, request.Initiator, request.Operation, request.Offset, request.Length, latency,
+            VerdictsBelow(upcall.Verdicts)));
+        return FilterVerdict.Pass;
     }
 
-    public ValueTask<FilterVerdict> OnWriteAsync(Upcall upcall)
+    /// <summary>The verdicts after this filter's own (which is always the first "trace:transform" of a sampled IO).</summary>
+    private string VerdictsBelow(IReadOnlyList<(string Filter, VerdictKind Verdict)> verdicts)
     {
-        if (Sampled())
+        int start = 0;
+        for (int i = 0; i < verdicts.Count; i++)
+            if (verdicts[i].Filter == Name) { start = i + 1; break; }
+        if (start >= verdicts.Count) return "";
+        var text = new System.Text.StringBuilder();
+        for (int i = start; i < verdicts.Count; i++)
         {
-            var request = upcall.Request;
-            Record(new TraceRecord(DateTimeOffset.UtcNow, request.Lun, request.Initiator, request.Operation, request.Offset, request.Length, null));
+            if (text.Length > 0) text.Append(' ');
+            text.Append(verdicts[i].Filter).Append(':').Append(VerdictName(verdicts[i].Verdict));
         }
-        return new(FilterVerdict.Pass);
+        return text.ToString();
     }
 
-    private bool Sampled() => Interlocked.Increment(ref _seen) % _sampleEvery == 0;
+    private static string VerdictName(VerdictKind kind) => kind switch
+    {
+        VerdictKind.Pass => "pass",
+        VerdictKind.Complete => "complete",
+        VerdictKind.Fail => "fail",
+        VerdictKind.Defer => "defer",
+        _ => "transform",
+    };
+
+    private bool Sampled() => Interlocked.Increment(ref _seen) % SampleEvery == 0;
 
     private void Record(TraceRecord record)
     {
