@@ -56,8 +56,10 @@ public sealed partial class LogicalUnit
                 ulong lba = BinaryPrimitives.ReadUInt64BigEndian(d);
                 uint blocks = BinaryPrimitives.ReadUInt32BigEndian(d.Slice(8));
                 if (blocks == 0) continue;
+                Filters?.RangeChanging((long)lba << BlockShift, (long)blocks << BlockShift);
                 var status = await Device.WriteZeroesAsync((long)lba << BlockShift, (long)blocks << BlockShift, deallocate: true,
                     _writeCacheEnabled ? WriteFlags.None : WriteFlags.ForceUnitAccess).ConfigureAwait(false);
+                Filters?.RangeChanged((long)lba << BlockShift, (long)blocks << BlockShift);
                 if (status != IoStatus.Ok)
                 {
                     Fail(command, MapStatus(status, write: true));
@@ -101,6 +103,8 @@ public sealed partial class LogicalUnit
         try
         {
             IoStatus status;
+            // The data does not pass through the filters: those keeping state about the blocks are told.
+            Filters?.RangeChanging(start, length);
             if (unmap || zeros)
             {
                 // UNMAP=1 deallocates whatever the pattern (SBC-3 §4.7.3.4 lets the device server unmap instead of
@@ -111,6 +115,7 @@ public sealed partial class LogicalUnit
             {
                 status = await WritePatternAsync(start, length, pattern, flags).ConfigureAwait(false);
             }
+            Filters?.RangeChanged(start, length);
             CompleteFrom(command, status, write: true);
         }
         finally

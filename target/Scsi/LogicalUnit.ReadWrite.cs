@@ -284,8 +284,10 @@ public sealed partial class LogicalUnit
                 Fail(command, SenseCode.MiscompareDuringVerify, (uint)mismatch);
                 return;
             }
+            Filters?.RangeChanging(start, length);
             var written = await Device.WriteAsync(start, new ReadOnlySequence<byte>(data, length, length),
                 fua ? WriteFlags.ForceUnitAccess : WriteFlags.None).ConfigureAwait(false);
+            Filters?.RangeChanged(start, length);
             CompleteFrom(command, written, write: true);
         }
         finally
@@ -331,7 +333,9 @@ public sealed partial class LogicalUnit
                 return;
             }
             OrInto(current.AsSpan(0, length), data.AsSpan(0, length));
+            Filters?.RangeChanging(start, length);
             status = await Device.WriteAsync(start, new ReadOnlySequence<byte>(current, 0, length), flags).ConfigureAwait(false);
+            Filters?.RangeChanged(start, length);
             CompleteFrom(command, status, write: true);
         }
         finally
@@ -347,7 +351,9 @@ public sealed partial class LogicalUnit
         await _writeGate.EnterExclusiveAsync().ConfigureAwait(false);
         try
         {
+            Filters?.RangeChanging(start, command.DataOutLength);
             var status = await Device.WriteAtomicAsync(start, command.Buffer.AsMemory(0, command.DataOutLength), flags).ConfigureAwait(false);
+            Filters?.RangeChanged(start, command.DataOutLength);
             CompleteFrom(command, status, write: true);
         }
         finally

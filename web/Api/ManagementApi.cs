@@ -13,7 +13,16 @@ public sealed record TargetDto(string Name, string? Alias, IReadOnlyList<string>
 public sealed record CreateTargetRequest(string? Name, string? Alias, List<string>? AllowedInitiators, ChapCredentials? Chap, ChapCredentials? MutualChap);
 public sealed record CreateLunRequest(int? Lun, long? SizeBytes, string? Image, string? Disk, int? BlockSize, bool? ReadOnly);
 public sealed record UpdateLunRequest(long? SizeBytes);
-public sealed record FilterDto(int Position, string Name, string OnFault, bool Quarantined, long Upcalls, long Faults, IReadOnlyDictionary<string, long> Verdicts);
+public sealed record FilterDto(int Position, string Name, string? Type, string OnFault, bool Quarantined, long Upcalls, long Faults,
+    IReadOnlyDictionary<string, long> Verdicts, IReadOnlyDictionary<string, long> Counters, ISCSISnap.Storage.Filters.Configuration.FilterSpec? Spec);
+
+/// <summary>A filter to add: its spec and where (0 = top of the stack; absent = bottom).</summary>
+public sealed class AddFilterRequest : ISCSISnap.Storage.Filters.Configuration.FilterSpec
+{
+    public int? Position { get; set; }
+}
+
+public sealed record TraceRecordDto(DateTimeOffset At, string Initiator, string Operation, long Offset, int Length, double? LatencyMicroseconds, string Verdicts);
 public sealed record AclDto(List<string>? AllowedInitiators);
 public sealed record ChapRequest(ChapCredentials? Chap, ChapCredentials? MutualChap);
 public sealed record ChapDto(ChapUserDto? Chap, ChapUserDto? MutualChap);
@@ -92,11 +101,51 @@ public static class ManagementApi
 
         api.MapGet("/targets/{iqn}/luns/{lun:int}/filters", (string iqn, int lun, TargetService targets) =>
         {
+            var (slots, specs) = targets.FiltersOf(iqn, lun);
+            return Results.Ok(slots.Select((slot, i) => ToDto(slot, i, specs)));
+        });
+
+        api.MapPost("/targets/{iqn}/luns/{lun:int}/filters", async (string iqn, int lun, HttpRequest request, TargetService targets) =>
+        {
+            var body = await ReadBodyAsync<AddFilterRequest>(request);
+            var slot = await targets.AddFilterAsync(iqn, lun, ToSpec(body), body.Position);
+            var (slots, specs) = targets.FiltersOf(iqn, lun);
             var target = targets.GetTarget(iqn);
-            var unit = target.GetLun((ulong)lun) ?? throw ApplianceError.NotFound($"no LUN {lun} on {target.Name}");
-            var filters = unit.Filters?.Filters ?? [];
-            return Results.Ok(filters.Select((f, i) => new FilterDto(i, f.Name, f.Options.OnFault.ToString().ToLowerInvariant(), f.IsQuarantined, f.Upcalls, f.Faults,
-                Enum.GetValues<ISCSISnap.Storage.Filters.VerdictKind>().ToDictionary(k => k.ToString().ToLowerInvariant(), f.VerdictCount))));
+            return Results.Created($"/api/v1/targets/{Uri.EscapeDataString(target.Name)}/luns/{lun}/filters/{Uri.EscapeDataString(slot.Name)}",
+                ToDto(slot, slots.ToList().IndexOf(slot), specs));
+        });
+
+        api.MapGet("/targets/{iqn}/luns/{lun:int}/filters/{name}", (string iqn, int lun, string name, TargetService targets) =>
+        {
+            var (slots, specs) = targets.FiltersOf(iqn, lun);
+            int index = slots.ToList().FindIndex(s => s.Name == name);
+            if (index < 0) throw ApplianceError.NotFound($"no filter {name} on LUN {lun} of {iqn}");
+            return Results.Ok(ToDto(slots[index], index, specs));
+        });
+
+        api.MapDelete("/targets/{iqn}/luns/{lun:int}/filters/{name}", async (string iqn, int lun, string name, TargetService targets) =>
+        {
+            await targets.RemoveFilterAsync(iqn, lun, name);
+            return Results.NoContent();
+        });
+
+        api.MapPost("/targets/{iqn}/luns/{lun:int}/filters/{name}/release", (string iqn, int lun, string name, TargetService targets) =>
+        {
+            var (slots, specs) = targets.FiltersOf(iqn, lun);
+            int index = slots.ToList().FindIndex(s => s.Name == name);
+            if (index < 0) throw ApplianceError.NotFound($"no filter {name} on LUN {lun} of {iqn}");
+            slots[index].Release();
+            return Results.Ok(ToDto(slots[index], index, specs));
+        });
+
+        api.MapGet("/targets/{iqn}/luns/{lun:int}/trace", (string iqn, int lun, int? limit, TargetService targets) =>
+        {
+            if (limit is < 1 or > 1 << 20) throw ApplianceError.Invalid("limit", "limit must be 1-1048576");
+            var (slots, _) = targets.FiltersOf(iqn, lun);
+            var trace = slots.Select(s => s.Filter).OfType<ISCSISnap.Storage.Filters.BuiltIn.TraceFilter>().FirstOrDefault()
+                ?? throw ApplianceError.NotFound($"LUN {lun} of {iqn} has no trace filter (add one: POST .../filters {{\"type\":\"trace\"}})");
+            return Results.Ok(trace.Newest(limit ?? 256).Select(r =>
+                new TraceRecordDto(r.At, r.Initiator, r.Operation.ToString().ToLowerInvariant(), r.Offset, r.Length, r.LatencyMicroseconds, r.Verdicts)));
         });
 
         api.MapDelete("/targets/{iqn}/luns/{lun:int}", async (string iqn, int lun, TargetService targets) =>
@@ -136,6 +185,19 @@ public static class ManagementApi
 
         api.MapGet("/sessions", (IscsiPortal portal) => Results.Ok(portal.GetSessions()));
     }
+
+    private static FilterDto ToDto(ISCSISnap.Storage.Filters.FilterSlot slot, int position, IReadOnlyList<ISCSISnap.Storage.Filters.Configuration.FilterSpec> specs)
+    {
+        var spec = specs.FirstOrDefault(s => (s.Name ?? s.Type) == slot.Name);
+        return new FilterDto(position, slot.Name, spec?.Type, slot.Options.OnFault.ToString().ToLowerInvariant(), slot.IsQuarantined, slot.Upcalls, slot.Faults,
+            Enum.GetValues<ISCSISnap.Storage.Filters.VerdictKind>().ToDictionary(k => k.ToString().ToLowerInvariant(), slot.VerdictCount),
+            slot.Counters.ToDictionary(), spec);
+    }
+
+    /// <summary>The spec part of a request (stored without the request's position).</summary>
+    private static ISCSISnap.Storage.Filters.Configuration.FilterSpec ToSpec(AddFilterRequest body) =>
+        System.Text.Json.JsonSerializer.Deserialize<ISCSISnap.Storage.Filters.Configuration.FilterSpec>(
+            System.Text.Json.JsonSerializer.Serialize<ISCSISnap.Storage.Filters.Configuration.FilterSpec>(body, ConfigurationLoader.Json), ConfigurationLoader.Json)!;
 
     private static ChapDto ChapOf(IscsiTarget target) => new(
         target.Access.Chap is { } chap ? new ChapUserDto(chap.UserName) : null,

@@ -1,3 +1,6 @@
+using ISCSISnap.Storage.Filters;
+using ISCSISnap.Storage.Filters.Configuration;
+using System.Text.Json;
 using System.Collections.Immutable;
 using ISCSISnap.Storage.BlockDevices;
 using ISCSISnap.Storage.Chains;
@@ -28,6 +31,7 @@ public sealed class TargetService : IAsyncDisposable
     private readonly SemaphoreSlim _lock = new(1, 1);
     private readonly Dictionary<string, LunRecord> _lunRecords = new();
     private readonly CopyTargetResolver _copyTargets;
+    private readonly FilterFactory _filterFactory;
 
     public TargetService(ApplianceCatalog catalog, DiskManager disks, ISCSISnap.Storage.Filters.KernelContext kernel, ISCSISnap.Storage.Filters.IFilterObserver filterObserver,
         TargetRegistry registry, IscsiPortal portal, ApplianceOptions options, ILogger<TargetService> log)
@@ -41,7 +45,10 @@ public sealed class TargetService : IAsyncDisposable
         _options = options;
         _log = log;
         _copyTargets = new CopyTargetResolver(registry);
+        _filterFactory = new FilterFactory(new FilterPluginLoader(Path.Combine(options.DataDirectory, options.Filters.PluginDirectory)));
     }
+
+    public FilterFactory FilterFactory => _filterFactory;
 
     public TargetRegistry Registry => _registry;
     public DiskManager Disks => _disks;
@@ -99,12 +106,17 @@ public sealed class TargetService : IAsyncDisposable
         record.MutualChapUserName = declared.MutualChap?.UserName;
         record.MutualChapSecret = declared.MutualChap?.Secret;
         _catalog.SaveTarget(record);
-        var existing = _catalog.Luns(id).Select(l => l.Lun).ToHashSet();
-        foreach (var lun in declared.Luns.Where(l => !existing.Contains(l.Lun)))
+        var existing = _catalog.Luns(id).ToDictionary(l => l.Lun);
+        foreach (var lun in declared.Luns)
         {
-            var lunRecord = lun.Image is { } image
-                ? await ImportedDiskLunAsync(id, lun.Lun, image, lun.BlockSize, lun.ReadOnly)
-                : await NewDiskLunAsync(id, lun.Lun, lun.SizeBytes, lun.BlockSize, lun.ReadOnly);
+            if (!existing.TryGetValue(lun.Lun, out var lunRecord))
+            {
+                lunRecord = lun.Image is { } image
+                    ? await ImportedDiskLunAsync(id, lun.Lun, image, lun.BlockSize, lun.ReadOnly)
+                    : await NewDiskLunAsync(id, lun.Lun, lun.SizeBytes, lun.BlockSize, lun.ReadOnly);
+            }
+            // A declared filter stack is the LUN's at every start; undeclared, the API's changes stand.
+            if (lun.Filters is { } filters) lunRecord.FiltersJson = JsonSerializer.Serialize(filters, ConfigurationLoader.Json);
             _catalog.SaveLun(lunRecord);
         }
     }
@@ -155,6 +167,7 @@ public sealed class TargetService : IAsyncDisposable
         unit.AbortTasksOfNexuses = (u, nexuses) => _portal.AbortTasksOfNexusesAsync(u, nexuses);
         // Every LUN's data path goes through its filter stack (empty until filters are configured).
         unit.Filters = new ISCSISnap.Storage.Filters.FilterEngine(device, $"{target.Name}/{record.Lun}", _options.Filters.MaxDepth, _filterObserver, _kernel);
+        InstallFilters(unit.Filters, record);
         target.AddLun((ulong)record.Lun, unit);
         _lunRecords[record.Id] = record;
         return unit;
@@ -401,6 +414,7 @@ public sealed class TargetService : IAsyncDisposable
     {
         // Commands already running on the unit finish before its device closes.
         await _portal.DrainUnitAsync(unit);
+        if (unit.Filters is { } filters) await filters.ClearAsync();
         string key = LunRecord.KeyOf(target.Name.ToLowerInvariant(), (int)lun);
         if (_lunRecords.Remove(key, out var record))
         {
@@ -425,6 +439,114 @@ public sealed class TargetService : IAsyncDisposable
         else await unit.DisposeAsync();
     }
 
+    // ---------------------------------------------------------------- filters
+
+    private static List<FilterSpec> SpecsOf(LunRecord record) =>
+        string.IsNullOrEmpty(record.FiltersJson) ? [] : JsonSerializer.Deserialize<List<FilterSpec>>(record.FiltersJson, ConfigurationLoader.Json) ?? [];
+
+    /// <summary>The LUN's configured stack. A filter that cannot be made (a plugin gone, say) is logged and left out; its spec stays for the next start.</summary>
+    private void InstallFilters(FilterEngine engine, LunRecord record)
+    {
+        foreach (var spec in SpecsOf(record))
+        {
+            try
+            {
+                engine.Add(_filterFactory.Create(spec), spec.ToOptions());
+            }
+            catch (Exception e) when (e is FilterConfigurationException or ArgumentException or IOException or UnauthorizedAccessException)
+            {
+                Log.FilterUnavailable(_log, engine.Lun, spec.Type, e.Message);
+            }
+        }
+    }
+
+    private (LogicalUnit Unit, LunRecord Record) LunOf(string targetName, int lun)
+    {
+        var target = GetTarget(targetName);
+        var unit = target.GetLun((ulong)lun) ?? throw ApplianceError.NotFound($"no LUN {lun} on {target.Name}");
+        var record = LunRecordOf(target, (ulong)lun) ?? throw ApplianceError.NotFound($"no LUN {lun} on {target.Name}");
+        return (unit, record);
+    }
+
+    public (IReadOnlyList<FilterSlot> Slots, IReadOnlyList<FilterSpec> Specs) FiltersOf(string targetName, int lun)
+    {
+        var (unit, record) = LunOf(targetName, lun);
+        return (unit.Filters?.Filters ?? [], SpecsOf(record));
+    }
+
+    /// <summary>Adds a filter to a live LUN at <paramref name="position"/> (0 = top; null = bottom) and records it in the catalog.</summary>
+    public async Task<FilterSlot> AddFilterAsync(string targetName, int lun, FilterSpec spec, int? position)
+    {
+        if (spec.Validate("filter") is { Count: > 0 } errors) throw ApplianceError.Invalid("filter", string.Join("; ", errors));
+        if (position is < 0) throw ApplianceError.Invalid("position", "position must be 0 (top) or more");
+        await _lock.WaitAsync();
+        try
+        {
+            var (unit, record) = LunOf(targetName, lun);
+            var engine = unit.Filters ?? throw ApplianceError.Conflict("the LUN has no filter engine");
+            IIoFilter filter;
+            try
+            {
+                filter = _filterFactory.Create(spec);
+            }
+            catch (FilterConfigurationException e)
+            {
+                throw ApplianceError.Invalid(e.Field, e.Message);
+            }
+            if (spec.Type == FilterSpec.Plugin) spec.Name = filter.Name;
+            FilterSlot slot;
+            try
+            {
+                slot = engine.Add(filter, spec.ToOptions(), position);
+            }
+            catch (ArgumentException e)
+            {
+                if (filter is IAsyncDisposable asyncDisposable) await asyncDisposable.DisposeAsync();
+                else (filter as IDisposable)?.Dispose();
+                throw ApplianceError.Conflict(e.Message, "type");
+            }
+            // The catalog keeps the stack's order: the specs of the filters now running, in their places.
+            var specs = SpecsOf(record);
+            var running = engine.Filters.ToList();
+            int at = running.IndexOf(slot);
+            int next = at + 1 < running.Count ? specs.FindIndex(s => (s.Name ?? s.Type) == running[at + 1].Name) : -1;
+            specs.Insert(next >= 0 ? next : specs.Count, spec);
+            record.FiltersJson = JsonSerializer.Serialize(specs, ConfigurationLoader.Json);
+            _catalog.SaveLun(record);
+            Log.FilterAdded(_log, engine.Lun, slot.Name, at);
+            return slot;
+        }
+        finally
+        {
+            _lock.Release();
+        }
+    }
+
+    /// <summary>Takes a filter off a live LUN (waiting for the requests that use it) and out of the catalog.</summary>
+    public async Task RemoveFilterAsync(string targetName, int lun, string name)
+    {
+        await _lock.WaitAsync();
+        try
+        {
+            var (unit, record) = LunOf(targetName, lun);
+            var specs = SpecsOf(record);
+            int index = specs.FindIndex(s => (s.Name ?? s.Type) == name);
+            bool running = unit.Filters is { } engine && await engine.RemoveAsync(name);
+            if (!running && index < 0) throw ApplianceError.NotFound($"no filter {name} on LUN {lun} of {targetName}");
+            if (index >= 0)
+            {
+                specs.RemoveAt(index);
+                record.FiltersJson = specs.Count == 0 ? "" : JsonSerializer.Serialize(specs, ConfigurationLoader.Json);
+                _catalog.SaveLun(record);
+            }
+            Log.FilterRemoved(_log, unit.Filters?.Lun ?? $"{targetName}/{lun}", name);
+        }
+        finally
+        {
+            _lock.Release();
+        }
+    }
+
     private int _disposed;
 
     /// <summary>Shutdown: every device is flushed, then closed (once, however often the host asks).</summary>
@@ -435,6 +557,8 @@ public sealed class TargetService : IAsyncDisposable
         {
             foreach (var unit in target.Luns.Values)
             {
+                // Filters close first: what they keep (checksums) is written out after the data it covers.
+                if (unit.Filters is { } filters) await filters.ClearAsync();
                 var status = await unit.Device.FlushAsync();
                 if (status != IoStatus.Ok) Log.FlushFailed(_log, target.Name, unit.ToString(), status.ToString());
             }

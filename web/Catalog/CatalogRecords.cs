@@ -33,6 +33,8 @@ public sealed class LunRecord
     public int BlockSize { get; set; } = 512;
     public bool ReadOnly { get; set; }
     public DateTime CreatedAt { get; set; }
+    /// <summary>The LUN's filter stack, top first, as a JSON array of filter specs ("" = none).</summary>
+    public string FiltersJson { get; set; } = "";
 
     public static string KeyOf(string targetId, int lun) => $"{targetId}|{lun}";
 }

@@ -31,6 +31,7 @@ public sealed class ApplianceOptions
         errors.AddRange(Iscsi.Validate());
         if (Filters.Workers is < 1 or > 64) errors.Add($"filters.workers {Filters.Workers} must be 1-64");
         if (Filters.MaxDepth is < 1 or > 32) errors.Add($"filters.maxDepth {Filters.MaxDepth} must be 1-32");
+        if (string.IsNullOrWhiteSpace(Filters.PluginDirectory)) errors.Add("filters.pluginDirectory must not be empty");
         if (DemoTarget is { } demo)
         {
             if (!Names.IsValidTargetName(demo.Name)) errors.Add($"demoTarget.name '{demo.Name}' is not a valid iSCSI name (iqn., eui. or naa.)");
@@ -48,6 +49,8 @@ public sealed class FilterOptionsSection
 {
     public int Workers { get; set; } = 2;
     public int MaxDepth { get; set; } = 8;
+    /// <summary>Where plugin filter assemblies are found; relative to the data directory ("plugins" by default).</summary>
+    public string PluginDirectory { get; set; } = "plugins";
 }
 
 public sealed class WebOptions
@@ -99,6 +102,16 @@ public sealed class TargetDeclaration
             else if (!luns.Add(lun.Lun)) yield return $"{field}.luns[{i}].lun {lun.Lun} is declared twice";
             if (lun.Image is null && !Names.IsValidLunSize(lun.SizeBytes)) yield return $"{field}.luns[{i}].sizeBytes {lun.SizeBytes} must be a positive multiple of 4096 up to 64 TiB";
             if (lun.BlockSize is not (512 or 4096)) yield return $"{field}.luns[{i}].blockSize must be 512 or 4096";
+            if (lun.Filters is { } filters)
+            {
+                var types = new HashSet<string>();
+                for (int f = 0; f < filters.Count; f++)
+                {
+                    foreach (var e in filters[f].Validate($"{field}.luns[{i}].filters[{f}]")) yield return e;
+                    if (filters[f].Type != ISCSISnap.Storage.Filters.Configuration.FilterSpec.Plugin && !types.Add(filters[f].Type))
+                        yield return $"{field}.luns[{i}].filters[{f}]: a LUN has one {filters[f].Type} filter";
+                }
+            }
         }
     }
 }
@@ -111,6 +124,8 @@ public sealed class LunDeclaration
     public string? Image { get; set; }
     public int BlockSize { get; set; } = 512;
     public bool ReadOnly { get; set; }
+    /// <summary>The LUN's filter stack, top first; when given it replaces the stack at every start (absent: the stack is managed through the API).</summary>
+    public List<ISCSISnap.Storage.Filters.Configuration.FilterSpec>? Filters { get; set; }
 }
 
 /// <summary>iSCSI name rules (RFC 3720 §3.2.6, RFC 7143 §4.2.7).</summary>

@@ -63,6 +63,15 @@ internal static partial class Log
     [LoggerMessage(2402, LogLevel.Information, "filter {Filter} of LUN {Lun}: {Message}")]
     public static partial void FilterMessage(ILogger logger, string lun, string filter, string message);
 
+    [LoggerMessage(2403, LogLevel.Information, "filter {Filter} added to LUN {Lun} at position {Position}")]
+    public static partial void FilterAdded(ILogger logger, string lun, string filter, int position);
+
+    [LoggerMessage(2404, LogLevel.Information, "filter {Filter} removed from LUN {Lun}")]
+    public static partial void FilterRemoved(ILogger logger, string lun, string filter);
+
+    [LoggerMessage(2405, LogLevel.Error, "filter {Type} of LUN {Lun} could not be set up, the LUN runs without it: {Reason}")]
+    public static partial void FilterUnavailable(ILogger logger, string lun, string type, string reason);
+
     [LoggerMessage(2201, LogLevel.Warning, "refused a management request from {Remote}: the API is loopback-only until authentication arrives")]
     public static partial void NonLoopbackRefused(ILogger logger, string remote);
 }

@@ -1,0 +1,24 @@
+using ISCSISnap.Storage.Filters.BuiltIn;
+
+namespace ISCSISnap.Storage.Filters.Configuration;
+
+/// <summary>
+/// Makes filters from their specs: the built-in ones, and plugin classes through <see cref="FilterPluginLoader"/>.
+/// Threading: thread-safe.
+/// </summary>
+public sealed class FilterFactory(FilterPluginLoader plugins)
+{
+    public FilterPluginLoader Plugins { get; } = plugins;
+
+    /// <summary>The filter a spec describes; throws <see cref="FilterConfigurationException"/> naming the field at fault.</summary>
+    public IIoFilter Create(FilterSpec spec)
+    {
+        if (spec.Validate("filter") is { Count: > 0 } errors) throw new FilterConfigurationException("filter", string.Join("; ", errors));
+        return spec.Type switch
+        {
+            FilterSpec.Trace => new TraceFilter(spec.SampleEvery ?? 1, spec.Capacity ?? 4096),
+            FilterSpec.Plugin => Plugins.Create(spec.Assembly!, spec.TypeName!, spec.Settings ?? new Dictionary<string, string>()),
+            _ => throw new FilterConfigurationException("type", $"the {spec.Type} filter is not available in this build"),
+        };
+    }
+}

@@ -1,0 +1,222 @@
+using System.Text.Json;
+using ISCSISnap.Tests.Support;
+using Xunit;
+using static ISCSISnap.Tests.Web.WebTest;
+
+namespace ISCSISnap.Tests.Web;
+
+/// <summary>
+/// LUN filter stacks on the real executable: configured through the REST API and appliance.json, kept in the
+/// catalog across restarts, plugins loaded from the plugin directory, and stacks changed under a real initiator's IO.
+/// </summary>
+public sealed class FilterApiTests
+{
+    private const string PluginFile = "ISCSISnap.SamplePlugin.dll";
+
+    /// <summary>The sample plugin as built beside the tests (tests/ISCSISnap.SamplePlugin/bin/{configuration}/net10.0).</summary>
+    private static string SamplePluginPath
+    {
+        get
+        {
+            var testOutput = new DirectoryInfo(AppContext.BaseDirectory);   // tests/ISCSISnap.Tests/bin/{configuration}/net10.0/
+            string configuration = testOutput.Parent!.Name;
+            string path = Path.Combine(testOutput.Parent!.Parent!.Parent!.Parent!.FullName, "ISCSISnap.SamplePlugin", "bin", configuration, "net10.0", PluginFile);
+            Assert.True(File.Exists(path), $"the sample plugin was not built: {path}");
+            return path;
+        }
+    }
+
+    private static void InstallSamplePlugin(string dataDirectory)
+    {
+        string plugins = Path.Combine(dataDirectory, "plugins");
+        Directory.CreateDirectory(plugins);
+        File.Copy(SamplePluginPath, Path.Combine(plugins, PluginFile), overwrite: true);
+    }
+
+    private static object Xor(int key, int? position = null) => new
+    {
+        type = "plugin", assembly = PluginFile, typeName = "ISCSISnap.SamplePlugin.XorFilter", settings = new Dictionary<string, string> { ["key"] = key.ToString() }, position,
+    };
+
+    private static async Task<List<string>> StackAsync(ApplianceProcess appliance, string target) =>
+        (await GetJsonAsync(appliance.Http, $"/api/v1/targets/{target}/luns/0/filters")).EnumerateArray().Select(f => f.Str("name")!).ToList();
+
+    [Fact]
+    public async Task Filters_are_added_used_listed_and_removed_through_the_api_and_survive_a_restart()
+    {
+        using var dir = new TempDirectory();
+        string data = Path.Combine(dir.Path, "data");
+        InstallSamplePlugin(data);
+        string target = UniqueTarget("filters");
+        var pattern = Pattern(10, 3, 8);
+        var appliance = await ApplianceProcess.StartAsync(dataDirectory: data);
+        await using (appliance)
+        {
+            var http = appliance.Http;
+            await appliance.CreateTargetAsync(target, 8L << 20);
+            string filters = $"/api/v1/targets/{target}/luns/0/filters";
+
+            var trace = await JsonAsync(await PostAsync(http, filters, new { type = "trace", sampleEvery = 1, capacity = 64 }), 201);
+            Assert.Equal("trace", trace.Str("name"));
+            Assert.Equal(0, trace.GetProperty("position").GetInt32());
+            var xor = await JsonAsync(await PostAsync(http, filters, Xor(90)), 201);
+            Assert.Equal("xor", xor.Str("name"));
+            Assert.Equal(["trace", "xor"], await StackAsync(appliance, target));
+
+            // Refusals: clear answers, nothing changed.
+            await AssertProblemAsync(await PostAsync(http, filters, new { type = "trace" }), 409, "type");
+            await AssertProblemAsync(await PostAsync(http, filters, new { type = "gzip" }), 400, "filter");
+            await AssertProblemAsync(await PostAsync(http, filters, new { type = "trace", iopsPerLun = 5 }), 400, "filter");
+            await AssertProblemAsync(await PostAsync(http, filters, new { type = "plugin", assembly = "missing.dll", typeName = "X" }), 400, "assembly");
+            await AssertProblemAsync(await PostAsync(http, filters, new { type = "plugin", assembly = "../../etc/passwd.dll", typeName = "X" }), 400, "filter");
+            await AssertProblemAsync(await PostAsync(http, filters, new { type = "plugin", assembly = PluginFile, typeName = "ISCSISnap.SamplePlugin.Nope" }), 400, "typeName");
+            await AssertProblemAsync(await PostAsync(http, filters, Xor(0)), 400, "settings");
+            await AssertProblemAsync(await PostAsync(http, $"/api/v1/targets/{target}/luns/7/filters", new { type = "trace" }), 404);
+            Assert.Equal(["trace", "xor"], await StackAsync(appliance, target));
+
+            var initiator = await LoginAsync(appliance, target);
+            await using (initiator)
+            {
+                await initiator.WriteAsync(10, pattern);
+                Assert.Equal(pattern, await initiator.ReadAsync(10, 8));
+                await initiator.LogoutAsync().WaitAsync(TimeSpan.FromSeconds(10));
+            }
+            var listed = (await GetJsonAsync(http, filters)).EnumerateArray().ToList();
+            Assert.Equal(4096, listed[1].GetProperty("counters").GetProperty("scrambled_bytes").GetInt64());
+            Assert.Equal("plugin", listed[1].Str("type"));
+            var records = (await GetJsonAsync(http, $"/api/v1/targets/{target}/luns/0/trace?limit=10")).EnumerateArray().ToList();
+            Assert.Contains(records, r => r.Str("operation") == "write" && r.GetProperty("offset").GetInt64() == 10 * 512 && r.Str("verdicts") == "xor:transform");
+            Assert.Contains(records, r => r.Str("operation") == "read" && r.Str("verdicts") == "xor:transform" && r.GetProperty("latencyMicroseconds").GetDouble() > 0);
+            Assert.Equal(0, await appliance.StopAsync());
+        }
+
+        // The stack is the catalog's: back in the same order after a restart, and the data still reads through it.
+        appliance = await ApplianceProcess.StartAsync(dataDirectory: data);
+        await using (appliance)
+        {
+            Assert.Equal(["trace", "xor"], await StackAsync(appliance, target));
+            var initiator = await LoginAsync(appliance, target);
+            await using (initiator)
+            {
+                Assert.Equal(pattern, await initiator.ReadAsync(10, 8));
+                // Taken off the live LUN, the plugin no longer unscrambles: the blocks at rest were XORed with its key.
+                await JsonAsync(await SendAsync(appliance.Http, HttpMethod.Delete, $"/api/v1/targets/{target}/luns/0/filters/xor"), 204);
+                Assert.Equal(pattern.Select(b => (byte)(b ^ 90)).ToArray(), await initiator.ReadAsync(10, 8));
+                await initiator.LogoutAsync().WaitAsync(TimeSpan.FromSeconds(10));
+            }
+            await AssertProblemAsync(await SendAsync(appliance.Http, HttpMethod.Delete, $"/api/v1/targets/{target}/luns/0/filters/xor"), 404);
+            Assert.Equal(["trace"], await StackAsync(appliance, target));
+            Assert.True(await EventuallyAsync(() => Task.FromResult(LogLines(data).Any(line => line.Contains("removed from LUN") && line.Contains("\"Filter\":\"xor\"")))), "the removal is logged");
+        }
+    }
+
+    [Fact]
+    public async Task A_faulting_plugin_is_contained_by_its_policy_and_quarantined()
+    {
+        using var dir = new TempDirectory();
+        string data = Path.Combine(dir.Path, "data");
+        InstallSamplePlugin(data);
+        string target = UniqueTarget("thrower");
+        var appliance = await ApplianceProcess.StartAsync(dataDirectory: data);
+        await using (appliance)
+        {
+            await appliance.CreateTargetAsync(target, 8L << 20);
+            string filters = $"/api/v1/targets/{target}/luns/0/filters";
+            await JsonAsync(await PostAsync(appliance.Http, filters,
+                new { type = "plugin", assembly = PluginFile, typeName = "ISCSISnap.SamplePlugin.ThrowingFilter", onFault = "fail", failureStatus = "mediumError", quarantineAfterFaults = 3 }), 201);
+            var initiator = await LoginAsync(appliance, target);
+            await using (initiator)
+            {
+                for (int i = 0; i < 4; i++)
+                {
+                    var read = await initiator.RunAsync(Cdb.Read10(0, 1), 0, 512);
+                    Assert.Equal((byte)3, read.SenseKey);           // MEDIUM ERROR, by the declared policy
+                    Assert.Equal((ushort)0x1100, read.AscAscq);
+                }
+                var listed = (await GetJsonAsync(appliance.Http, filters)).EnumerateArray().Single();
+                Assert.True(listed.GetProperty("quarantined").GetBoolean());
+                Assert.Equal(3, listed.GetProperty("faults").GetInt64());   // quarantined after 3; the 4th never reached it
+                await JsonAsync(await SendAsync(appliance.Http, HttpMethod.Delete, $"{filters}/thrower"), 204);
+                Assert.True((await initiator.RunAsync(Cdb.Read10(0, 1), 0, 512)).Good);
+                await initiator.LogoutAsync().WaitAsync(TimeSpan.FromSeconds(10));
+            }
+            Assert.True(await EventuallyAsync(() => Task.FromResult(LogLines(data).Any(line => line.Contains("faulted") && line.Contains("\"Filter\":\"thrower\"") && line.Contains("always throws")))),
+                "the fault is logged");
+        }
+    }
+
+    [Fact]
+    public async Task Declared_filters_come_from_appliance_json_and_bad_ones_are_refused_at_start()
+    {
+        using var dir = new TempDirectory();
+        string target = UniqueTarget("declared");
+        string config = Path.Combine(dir.Path, "appliance.json");
+        await File.WriteAllTextAsync(config, JsonSerializer.Serialize(new
+        {
+            targets = new object[] { new { name = target, luns = new object[] { new { lun = 0, sizeBytes = 8L << 20, filters = new object[] { new { type = "trace", sampleEvery = 4 } } } } } },
+        }));
+        var appliance = await ApplianceProcess.StartAsync(dataDirectory: Path.Combine(dir.Path, "data"), configFile: config);
+        await using (appliance)
+        {
+            var stack = (await GetJsonAsync(appliance.Http, $"/api/v1/targets/{target}/luns/0/filters")).EnumerateArray().Single();
+            Assert.Equal("trace", stack.Str("name"));
+            Assert.Equal(4, stack.GetProperty("spec").GetProperty("sampleEvery").GetInt32());
+        }
+
+        await File.WriteAllTextAsync(config, JsonSerializer.Serialize(new
+        {
+            targets = new object[] { new { name = target, luns = new object[] { new { lun = 0, sizeBytes = 8L << 20, filters = new object[] { new { type = "trace", capacity = 0 } } } } } },
+        }));
+        var refused = await RunApplianceAsync("--config", config, "--data", Path.Combine(dir.Path, "data2"), "--portal", "127.0.0.1:0", "--web", "http://127.0.0.1:0");
+        Assert.NotEqual(0, refused.ExitCode);
+        Assert.Contains("targets[0].luns[0].filters[0].capacity 0 must be 1-1048576", refused.StdErr + refused.StdOut);
+        Assert.Contains(config, refused.StdErr + refused.StdOut);
+    }
+
+    [Fact]
+    public async Task Filters_added_and_removed_under_a_real_initiators_writes_and_reads_lose_no_data()
+    {
+        string qemuImg = Tool.Require("qemu-img");
+        using var dir = new TempDirectory();
+        string data = Path.Combine(dir.Path, "data");
+        InstallSamplePlugin(data);
+        string source = Path.Combine(dir.Path, "source.img");
+        var content = new byte[96 << 20];
+        new Random(41).NextBytes(content);
+        await File.WriteAllBytesAsync(source, content);
+        string target = UniqueTarget("live");
+        var appliance = await ApplianceProcess.StartAsync(dataDirectory: data);
+        await using (appliance)
+        {
+            await appliance.CreateTargetAsync(target, 96L << 20);
+            string filters = $"/api/v1/targets/{target}/luns/0/filters";
+            string url = appliance.Url(target, 0);
+            int changes = 0;
+            using var stop = new CancellationTokenSource();
+            // Filters that leave data alone go on and off the stack, at the top and the bottom, while the initiator works.
+            var churn = Task.Run(async () =>
+            {
+                while (!stop.IsCancellationRequested)
+                {
+                    await JsonAsync(await PostAsync(appliance.Http, filters, new { type = "trace", position = 0 }), 201);
+                    await JsonAsync(await PostAsync(appliance.Http, filters,
+                        new { type = "plugin", assembly = PluginFile, typeName = "ISCSISnap.SamplePlugin.ThrowingFilter", quarantineAfterFaults = 1_000_000 }), 201);
+                    await Task.Delay(15);
+                    await JsonAsync(await SendAsync(appliance.Http, HttpMethod.Delete, $"{filters}/trace"), 204);
+                    await Task.Delay(15);
+                    await JsonAsync(await SendAsync(appliance.Http, HttpMethod.Delete, $"{filters}/thrower"), 204);
+                    Interlocked.Add(ref changes, 4);
+                }
+            });
+            var write = await Tool.RunAsync(qemuImg, ["convert", "-n", "-f", "raw", "-O", "raw", "-t", "none", source, url], TimeSpan.FromMinutes(3));
+            Assert.True(write.ExitCode == 0, write.Output);
+            int duringWrite = Volatile.Read(ref changes);
+            var compare = await Tool.RunAsync(qemuImg, ["compare", "-f", "raw", "-F", "raw", source, url], TimeSpan.FromMinutes(3));
+            stop.Cancel();
+            await churn;
+            Assert.True(compare.ExitCode == 0, compare.Output);
+            Assert.True(duringWrite >= 8, $"only {duringWrite} stack changes while qemu-img wrote");
+            Assert.True(Volatile.Read(ref changes) > duringWrite, "no stack change while qemu-img compared");
+        }
+    }
+}
