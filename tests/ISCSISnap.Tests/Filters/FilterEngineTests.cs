@@ -324,4 +324,79 @@ public abstract class FilterEngineTestsBase : IAsyncLifetime
         await Task.WhenAll(readers);
         Assert.True(reads > 100, $"{reads} reads");
     }
+
+    [Fact]
+    public async Task A_write_transform_that_keeps_the_data_is_called_again_once_the_write_is_done()
+    {
+        var calls = new ConcurrentQueue<string>();
+        var engine = NewEngine();
+        engine.Add(new Lambda("recorder", _ => Verdict(FilterVerdict.Pass), u =>
+        {
+            calls.Enqueue($"{u.Phase}:{u.WriteData.Length}");
+            return Verdict(u.Phase == FilterPhase.Before ? FilterVerdict.Transform : FilterVerdict.Pass);
+        }));
+        engine.Add(new Lambda("below", _ => Verdict(FilterVerdict.Pass), u =>
+        {
+            calls.Enqueue($"below:{u.Phase}");
+            return Verdict(FilterVerdict.Pass);
+        }));
+        var data = new byte[8192];
+        data.AsSpan().Fill(7);
+        Assert.Equal(IoStatus.Ok, await engine.WriteAsync(Write(8192, 8192), new ReadOnlySequence<byte>(data), WriteFlags.None));
+        Assert.Equal(["Before:8192", "below:Before", "AfterWrite:8192"], calls);
+        var back = new byte[8192];
+        Assert.Equal(IoStatus.Ok, await _device.ReadAsync(8192, back));
+        Assert.Equal(data, back);
+
+        // A failed write is not reported to the filter as done.
+        engine.Remove("below");
+        engine.Add(new Lambda("refuse", _ => Verdict(FilterVerdict.Pass), _ => Verdict(FilterVerdict.Fail(IoStatus.WriteError))));
+        calls.Clear();
+        Assert.Equal(IoStatus.WriteError, await engine.WriteAsync(Write(0, 4096), new ReadOnlySequence<byte>(new byte[4096]), WriteFlags.None));
+        Assert.Equal(["Before:4096"], calls);
+    }
+
+    private sealed class Disposable(string name, Func<Upcall, ValueTask<FilterVerdict>> read) : IIoFilter, IDisposable
+    {
+        public volatile bool Disposed;
+        public volatile bool UsedAfterDispose;
+        public string Name => name;
+        public ValueTask<FilterVerdict> OnReadAsync(Upcall upcall)
+        {
+            if (Disposed) UsedAfterDispose = true;
+            return read(upcall);
+        }
+        public ValueTask<FilterVerdict> OnWriteAsync(Upcall upcall) => OnReadAsync(upcall);
+        public void Dispose() => Disposed = true;
+    }
+
+    [Fact]
+    public async Task A_removed_filter_is_disposed_only_after_the_requests_that_started_with_it_are_done()
+    {
+        var engine = NewEngine();
+        var gate = new TaskCompletionSource(TaskCreationOptions.RunContinuationsAsynchronously);
+        var entered = new TaskCompletionSource(TaskCreationOptions.RunContinuationsAsynchronously);
+        var filter = new Disposable("slow", u =>
+        {
+            if (u.Phase == FilterPhase.Before) return Verdict(FilterVerdict.Transform);
+            entered.TrySetResult();
+            return new ValueTask<FilterVerdict>(gate.Task.ContinueWith(_ => FilterVerdict.Pass));
+        });
+        engine.Add(filter);
+        var read = engine.ReadAsync(Read(0, 4096), new byte[4096]).AsTask();
+        await entered.Task.WaitAsync(TimeSpan.FromSeconds(5));
+
+        var removal = engine.RemoveAsync("slow");
+        Assert.True(engine.IsEmpty);                       // new requests no longer see it at once
+        Assert.Equal(IoStatus.Ok, await engine.ReadAsync(Read(0, 4096), new byte[4096]));
+        await Task.Delay(50);
+        Assert.False(removal.IsCompleted);                 // the first request still runs on the old stack
+        Assert.False(filter.Disposed);
+        gate.SetResult();
+        Assert.Equal(IoStatus.Ok, await read.WaitAsync(TimeSpan.FromSeconds(5)));
+        Assert.True(await removal.WaitAsync(TimeSpan.FromSeconds(5)));
+        Assert.True(filter.Disposed);
+        Assert.False(filter.UsedAfterDispose);
+        Assert.False(await engine.RemoveAsync("slow"));
+    }
 }
