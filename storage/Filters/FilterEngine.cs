@@ -8,9 +8,16 @@ namespace ISCSISnap.Storage.Filters;
 /// <summary>What the engine reports: per-upcall outcomes, faults and quarantines, filter log lines.</summary>
 public interface IFilterObserver
 {
-    void OnUpcall(string lun, string filter, VerdictKind verdict, double seconds);
+    /// <summary>What records one filter's upcalls on one LUN; asked for once per filter added, used on every upcall.</summary>
+    IUpcallMeter MeterFor(string lun, string filter);
     void OnFault(string lun, string filter, string reason, bool quarantined);
     void OnFilterLog(string lun, string filter, string message);
+}
+
+/// <summary>Records upcalls of one filter on one LUN (bound once, so an upcall costs no label lookup).</summary>
+public interface IUpcallMeter
+{
+    void OnUpcall(VerdictKind verdict, double seconds);
 }
 
 /// <summary>
@@ -62,7 +69,7 @@ public sealed class FilterEngine
     /// <summary>Adds a filter at <paramref name="position"/> (0 = top, the first to see a request; null = bottom).</summary>
     public FilterSlot Add(IIoFilter filter, FilterOptions? options = null, int? position = null)
     {
-        var slot = new FilterSlot(filter, options);
+        var slot = new FilterSlot(filter, options) { Meter = Observer?.MeterFor(Lun, filter.Name) };
         lock (_change)
         {
             var slots = _current.Slots.ToList();
@@ -409,7 +416,7 @@ public sealed class FilterEngine
             upcall.Syscalls.Expired = true;
             slot.Record(verdict.Kind);
             if (phase == FilterPhase.Before) first.RecordVerdict(slot.Name, verdict.Kind);
-            Observer?.OnUpcall(Lun, slot.Name, verdict.Kind, Stopwatch.GetElapsedTime(started).TotalSeconds);
+            slot.Meter?.OnUpcall(verdict.Kind, Stopwatch.GetElapsedTime(started).TotalSeconds);
             return (verdict, upcall, false);
         }
     }

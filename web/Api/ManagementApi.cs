@@ -14,7 +14,8 @@ public sealed record CreateTargetRequest(string? Name, string? Alias, List<strin
 public sealed record CreateLunRequest(int? Lun, long? SizeBytes, string? Image, string? Disk, int? BlockSize, bool? ReadOnly);
 public sealed record UpdateLunRequest(long? SizeBytes);
 public sealed record FilterDto(int Position, string Name, string? Type, string OnFault, bool Quarantined, long Upcalls, long Faults,
-    IReadOnlyDictionary<string, long> Verdicts, IReadOnlyDictionary<string, long> Counters, ISCSISnap.Storage.Filters.Configuration.FilterSpec? Spec);
+    IReadOnlyDictionary<string, long> Verdicts, IReadOnlyDictionary<string, long> Syscalls, IReadOnlyDictionary<string, long> Counters,
+    ISCSISnap.Storage.Filters.Configuration.FilterSpec? Spec);
 
 /// <summary>A filter to add: its spec and where (0 = top of the stack; absent = bottom).</summary>
 public sealed class AddFilterRequest : ISCSISnap.Storage.Filters.Configuration.FilterSpec
@@ -191,7 +192,7 @@ public static class ManagementApi
         var spec = specs.FirstOrDefault(s => (s.Name ?? s.Type) == slot.Name);
         return new FilterDto(position, slot.Name, spec?.Type, slot.Options.OnFault.ToString().ToLowerInvariant(), slot.IsQuarantined, slot.Upcalls, slot.Faults,
             Enum.GetValues<ISCSISnap.Storage.Filters.VerdictKind>().ToDictionary(k => k.ToString().ToLowerInvariant(), slot.VerdictCount),
-            slot.Counters.ToDictionary(), spec);
+            slot.Syscalls, slot.Counters.ToDictionary(), spec);
     }
 
     /// <summary>The spec part of a request (stored without the request's position).</summary>

@@ -25,10 +25,18 @@ public sealed class FilterMetrics : IFilterObserver
             new HistogramConfiguration { LabelNames = ["lun", "filter"], Buckets = Histogram.ExponentialBuckets(0.000001, 2, 24) });
     }
 
-    public void OnUpcall(string lun, string filter, VerdictKind verdict, double seconds)
+    public IUpcallMeter MeterFor(string lun, string filter) => new Meter(
+        Enum.GetValues<VerdictKind>().Select(v => _upcalls.WithLabels(lun, filter, v.ToString().ToLowerInvariant())).ToArray(),
+        _latency.WithLabels(lun, filter));
+
+    /// <summary>The label children of one filter on one LUN, looked up once.</summary>
+    private sealed class Meter(Counter.Child[] byVerdict, Histogram.Child latency) : IUpcallMeter
     {
-        _upcalls.WithLabels(lun, filter, verdict.ToString().ToLowerInvariant()).Inc();
-        _latency.WithLabels(lun, filter).Observe(seconds);
+        public void OnUpcall(VerdictKind verdict, double seconds)
+        {
+            byVerdict[(int)verdict].Inc();
+            latency.Observe(seconds);
+        }
     }
 
     public void OnFault(string lun, string filter, string reason, bool quarantined)
