@@ -323,7 +323,7 @@ public sealed class FilterEngine
                 slot.Record(VerdictKind.Defer);
                 var left = first.Context.Deadline - DateTimeOffset.UtcNow;
                 if (left <= TimeSpan.Zero) return (FilterVerdict.Fail(IoStatus.NotReady), upcall, false);
-                await Task.Delay(TimeSpan.FromMilliseconds(Math.Min(verdict.DeferMilliseconds, left.TotalMilliseconds)));
+                await KernelContext.DelayAsync(TimeSpan.FromMilliseconds(Math.Min(verdict.DeferMilliseconds, left.TotalMilliseconds)));
                 continue;
             }
             if (verdict.Kind == VerdictKind.Complete && phase == FilterPhase.AfterRead) verdict = FilterVerdict.Pass;
