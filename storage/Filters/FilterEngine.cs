@@ -409,7 +409,7 @@ public sealed class FilterEngine
                 if (phase == FilterPhase.Before) first.RecordVerdict(slot.Name, VerdictKind.Defer);
                 var left = first.Context.Deadline - DateTimeOffset.UtcNow;
                 if (left <= TimeSpan.Zero) return (FilterVerdict.Fail(IoStatus.NotReady), upcall, false);
-                await Task.Delay(TimeSpan.FromMilliseconds(Math.Min(verdict.DeferMilliseconds, left.TotalMilliseconds)));
+                await KernelContext.DelayAsync(TimeSpan.FromMilliseconds(Math.Min(verdict.DeferMilliseconds, left.TotalMilliseconds)));
                 continue;
             }
             if (verdict.Kind is VerdictKind.Complete or VerdictKind.Transform && phase != FilterPhase.Before) verdict = FilterVerdict.Pass;

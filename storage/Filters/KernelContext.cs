@@ -32,14 +32,19 @@ public sealed class KernelContext : IDisposable
         {
             var previous = SynchronizationContext.Current;
             SynchronizationContext.SetSynchronizationContext(here);
+            Task<T> task;
             try
             {
-                return request(here);
+                task = request(here);
             }
             finally
             {
                 SynchronizationContext.SetSynchronizationContext(previous);
             }
+            // Completed later, the request would finish on this worker under its context, where the runtime does not
+            // run the caller's context-free continuation inline but queues it to the thread pool (slow to come
+            // round on a loaded host): complete it as a handed-over request is, so the caller stays on the worker.
+            return task.IsCompleted ? task : Worker.CompleteOnWorker(task);
         }
         var worker = _workers[(uint)Interlocked.Increment(ref _next) % (uint)_workers.Length];
         return worker.RunAsync(request);
@@ -47,6 +52,13 @@ public sealed class KernelContext : IDisposable
 
     /// <summary>The worker the calling code runs on, if it runs on one of this context's.</summary>
     internal static Worker? Current => Worker.OnThisThread;
+
+    /// <summary>
+    /// Completes after <paramref name="delay"/> on the kernel's own timer thread, not the runtime's timers: those
+    /// complete on the thread pool, which a loaded host can starve for hundreds of milliseconds. An await of it
+    /// resumes on the awaiting worker (its synchronization context); off the workers it resumes on the thread pool.
+    /// </summary>
+    internal static Task DelayAsync(TimeSpan delay) => DeferralTimer.Shared.DelayAsync(delay);
 
     public void Dispose()
     {
@@ -108,6 +120,14 @@ public sealed class KernelContext : IDisposable
             return completion.Task;
         }
 
+        /// <summary>A task that completes as <paramref name="task"/> does, by <see cref="Complete{T}"/>, on the thread completing it.</summary>
+        public static Task<T> CompleteOnWorker<T>(Task<T> task)
+        {
+            var completion = new TaskCompletionSource<T>();
+            task.ContinueWith(static (t, d) => Complete((TaskCompletionSource<T>)d!, t), completion, TaskContinuationOptions.ExecuteSynchronously);
+            return completion.Task;
+        }
+
         /// <summary>
         /// Completes a request so that its caller goes on right here, on this thread, without a context (the
         /// runtime runs an awaiting continuation inline only where no synchronization context is set); the IO
@@ -162,6 +182,75 @@ public sealed class KernelContext : IDisposable
         {
             _stopping = true;
             _ready.Release();
+        }
+    }
+
+    /// <summary>
+    /// One dedicated thread completing waits in due order: it sleeps the whole milliseconds to the next due time,
+    /// then yields the last fraction (deferrals are a few milliseconds: a coarse timer would add most of a wait
+    /// again). It parks when nothing is due. Threading: thread-safe.
+    /// </summary>
+    internal sealed class DeferralTimer
+    {
+        public static DeferralTimer Shared { get; } = new("iscsisnap-timer");
+
+        private readonly PriorityQueue<TaskCompletionSource, long> _due = new();
+        private readonly object _lock = new();
+        private long _earliest = long.MaxValue;   // the due time the thread sleeps towards
+        private static readonly long TicksPerMillisecond = System.Diagnostics.Stopwatch.Frequency / 1000;
+
+        private DeferralTimer(string name)
+        {
+            new Thread(Loop) { IsBackground = true, Name = name }.Start();
+        }
+
+        public Task DelayAsync(TimeSpan delay)
+        {
+            if (delay <= TimeSpan.Zero) return Task.CompletedTask;
+            long due = System.Diagnostics.Stopwatch.GetTimestamp() + (long)(delay.TotalSeconds * System.Diagnostics.Stopwatch.Frequency);
+            // Asynchronous continuations: the timer thread only hands them over (to the worker's queue), never runs them.
+            var done = new TaskCompletionSource(TaskCreationOptions.RunContinuationsAsynchronously);
+            lock (_lock)
+            {
+                _due.Enqueue(done, due);
+                if (due < _earliest) Monitor.Pulse(_lock);   // the thread sleeps towards a later time (or parks)
+            }
+            return done.Task;
+        }
+
+        private void Loop()
+        {
+            var ready = new List<TaskCompletionSource>();
+            while (true)
+            {
+                lock (_lock)
+                {
+                    while (true)
+                    {
+                        if (!_due.TryPeek(out _, out long due))
+                        {
+                            _earliest = long.MaxValue;
+                            Monitor.Wait(_lock);
+                            continue;
+                        }
+                        long now = System.Diagnostics.Stopwatch.GetTimestamp();
+                        if (due <= now) break;
+                        _earliest = due;
+                        long sleep = (due - now) / TicksPerMillisecond;   // whole milliseconds: wakes about on time, then yields the rest
+                        if (sleep >= 1) Monitor.Wait(_lock, (int)Math.Min(sleep, int.MaxValue));
+                        else
+                        {
+                            Monitor.Exit(_lock);
+                            try { Thread.Yield(); }
+                            finally { Monitor.Enter(_lock); }
+                        }
+                    }
+                    long at = System.Diagnostics.Stopwatch.GetTimestamp();
+                    while (_due.TryPeek(out _, out long due) && due <= at) ready.Add(_due.Dequeue());
+                }
+                foreach (var done in ready) done.TrySetResult();
+                ready.Clear();
+            }
         }
     }
 }

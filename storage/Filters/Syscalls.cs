@@ -128,7 +128,7 @@ public sealed class Syscalls
         Enter("sleep");
         if (milliseconds is < 0 or > 60_000) throw new SyscallRefusedException("sleep", _upcall.Slot.Name, $"{milliseconds} ms is outside 0-60000");
         var left = _upcall.Request.Deadline - DateTimeOffset.UtcNow;
-        return Task.Delay(TimeSpan.FromMilliseconds(Math.Max(0, Math.Min(milliseconds, left.TotalMilliseconds))));
+        return KernelContext.DelayAsync(TimeSpan.FromMilliseconds(Math.Max(0, Math.Min(milliseconds, left.TotalMilliseconds))));
     }
 
     public void Log(string message)
