@@ -124,6 +124,19 @@ public static class ManagementApi
             return Results.Ok(ToDto(slots[index], index, specs));
         });
 
+        api.MapMethods("/targets/{iqn}/luns/{lun:int}/filters/qos", ["PATCH"], async (string iqn, int lun, HttpRequest request, TargetService targets) =>
+        {
+            var body = await ReadBodyAsync<ISCSISnap.Storage.Filters.Configuration.FilterSpec>(request);
+            if (body.Type is { Length: > 0 } && body.Type != "qos") throw ApplianceError.Invalid("type", "only a qos filter's caps can be changed in place");
+            if (body.OnFault is not null || body.FailureStatus is not null || body.UpcallDeadlineMs is not null || body.MaxSyscallsPerUpcall is not null
+                || body.MaxScratchBytes is not null || body.QuarantineAfterFaults is not null || body.SampleEvery is not null || body.Capacity is not null
+                || body.Assembly is not null || body.TypeName is not null || body.Settings is not null || body.Name is not null)
+                throw ApplianceError.Invalid("filter", "only iopsPerLun, bytesPerSecondPerLun, iopsPerInitiator and bytesPerSecondPerInitiator can be changed in place");
+            var slot = await targets.SetQosLimitsAsync(iqn, lun, body);
+            var (slots, specs) = targets.FiltersOf(iqn, lun);
+            return Results.Ok(ToDto(slot, slots.ToList().IndexOf(slot), specs));
+        });
+
         api.MapDelete("/targets/{iqn}/luns/{lun:int}/filters/{name}", async (string iqn, int lun, string name, TargetService targets) =>
         {
             await targets.RemoveFilterAsync(iqn, lun, name);

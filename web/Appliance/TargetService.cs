@@ -522,6 +522,34 @@ public sealed class TargetService : IAsyncDisposable
         }
     }
 
+    /// <summary>Changes a live QoS filter's caps (requests already waiting included) and records them.</summary>
+    public async Task<FilterSlot> SetQosLimitsAsync(string targetName, int lun, FilterSpec caps)
+    {
+        await _lock.WaitAsync();
+        try
+        {
+            var (unit, record) = LunOf(targetName, lun);
+            var slot = unit.Filters?.Filters.FirstOrDefault(s => s.Filter is ISCSISnap.Storage.Filters.BuiltIn.QosFilter)
+                ?? throw ApplianceError.NotFound($"LUN {lun} of {targetName} has no qos filter");
+            var specs = SpecsOf(record);
+            var spec = specs.FirstOrDefault(s => s.Type == FilterSpec.Qos) ?? new FilterSpec { Type = FilterSpec.Qos };
+            spec.IopsPerLun = caps.IopsPerLun ?? spec.IopsPerLun;
+            spec.BytesPerSecondPerLun = caps.BytesPerSecondPerLun ?? spec.BytesPerSecondPerLun;
+            spec.IopsPerInitiator = caps.IopsPerInitiator ?? spec.IopsPerInitiator;
+            spec.BytesPerSecondPerInitiator = caps.BytesPerSecondPerInitiator ?? spec.BytesPerSecondPerInitiator;
+            if (spec.Validate("filter") is { Count: > 0 } errors) throw ApplianceError.Invalid("filter", string.Join("; ", errors));
+            ((ISCSISnap.Storage.Filters.BuiltIn.QosFilter)slot.Filter).SetLimits(FilterFactory.QosLimitsOf(spec));
+            if (!specs.Contains(spec)) specs.Add(spec);
+            record.FiltersJson = JsonSerializer.Serialize(specs, ConfigurationLoader.Json);
+            _catalog.SaveLun(record);
+            return slot;
+        }
+        finally
+        {
+            _lock.Release();
+        }
+    }
+
     /// <summary>Takes a filter off a live LUN (waiting for the requests that use it) and out of the catalog.</summary>
     public async Task RemoveFilterAsync(string targetName, int lun, string name)
     {

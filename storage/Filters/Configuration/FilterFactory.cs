@@ -17,8 +17,17 @@ public sealed class FilterFactory(FilterPluginLoader plugins)
         return spec.Type switch
         {
             FilterSpec.Trace => new TraceFilter(spec.SampleEvery ?? 1, spec.Capacity ?? 4096),
+            FilterSpec.Qos => new QosFilter(QosLimitsOf(spec)),
             FilterSpec.Plugin => Plugins.Create(spec.Assembly!, spec.TypeName!, spec.Settings ?? new Dictionary<string, string>()),
             _ => throw new FilterConfigurationException("type", $"the {spec.Type} filter is not available in this build"),
         };
     }
+
+    public static QosLimits QosLimitsOf(FilterSpec spec) => new()
+    {
+        IopsPerLun = spec.IopsPerLun ?? 0,
+        BytesPerSecondPerLun = spec.BytesPerSecondPerLun ?? 0,
+        IopsPerInitiator = spec.IopsPerInitiator ?? 0,
+        BytesPerSecondPerInitiator = spec.BytesPerSecondPerInitiator ?? 0,
+    };
 }

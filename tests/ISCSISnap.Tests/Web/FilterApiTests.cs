@@ -219,4 +219,39 @@ public sealed class FilterApiTests
             Assert.True(Volatile.Read(ref changes) > duringWrite, "no stack change while qemu-img compared");
         }
     }
+
+    [Fact]
+    public async Task A_qos_cap_holds_for_a_real_initiator_within_ten_percent_and_changes_live()
+    {
+        string qemuImg = Tool.Require("qemu-img");
+        using var dir = new TempDirectory();
+        string target = UniqueTarget("qos");
+        var appliance = await ApplianceProcess.StartAsync(dataDirectory: Path.Combine(dir.Path, "data"));
+        await using (appliance)
+        {
+            await appliance.CreateTargetAsync(target, 64L << 20);
+            string filters = $"/api/v1/targets/{target}/luns/0/filters";
+            await JsonAsync(await PostAsync(appliance.Http, filters, new { type = "qos", iopsPerLun = 250 }), 201);
+            const int reads = 1000;   // 4 s at the cap
+            var clock = System.Diagnostics.Stopwatch.StartNew();
+            var bench = await Tool.RunAsync(qemuImg, ["bench", "-f", "raw", "-c", reads.ToString(), "-d", "16", "-s", "4k", "-t", "none", appliance.Url(target, 0)], TimeSpan.FromMinutes(2));
+            double seconds = clock.Elapsed.TotalSeconds;
+            Assert.True(bench.ExitCode == 0, bench.Output);
+            double iops = reads / seconds;   // the login and qemu-img's own start count against it: a slight underestimate
+            Assert.InRange(iops, 225, 275);
+            var qos = (await GetJsonAsync(appliance.Http, filters)).EnumerateArray().Single();
+            Assert.True(qos.GetProperty("counters").GetProperty("deferred").GetInt64() > reads / 2, "most reads waited their turn");
+
+            // Raised live: the catalog and the filter both take the new cap.
+            var patched = await JsonAsync(await PatchAsync(appliance.Http, $"{filters}/qos", new { iopsPerLun = 0, bytesPerSecondPerLun = 1L << 30 }), 200);
+            Assert.Equal(0, patched.GetProperty("spec").GetProperty("iopsPerLun").GetInt32());
+            Assert.Equal(1L << 30, patched.GetProperty("spec").GetProperty("bytesPerSecondPerLun").GetInt64());
+            await AssertProblemAsync(await PatchAsync(appliance.Http, $"{filters}/qos", new { iopsPerLun = -1 }), 400, "filter");
+            await AssertProblemAsync(await PatchAsync(appliance.Http, $"{filters}/qos", new { sampleEvery = 2 }), 400, "filter");
+            clock.Restart();
+            bench = await Tool.RunAsync(qemuImg, ["bench", "-f", "raw", "-c", reads.ToString(), "-d", "16", "-s", "4k", "-t", "none", appliance.Url(target, 0)], TimeSpan.FromMinutes(2));
+            Assert.True(bench.ExitCode == 0, bench.Output);
+            Assert.True(reads / clock.Elapsed.TotalSeconds > 500, $"uncapped reads ran at {reads / clock.Elapsed.TotalSeconds:F0} IOPS");
+        }
+    }
 }
