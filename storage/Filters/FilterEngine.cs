@@ -41,8 +41,10 @@ public sealed class FilterEngine
         public int InFlight;
     }
 
-    public FilterEngine(IBlockDevice device, string lun, int maxDepth = 8, IFilterObserver? observer = null, KernelContext? kernel = null)
+    public FilterEngine(IBlockDevice device, string lun, int maxDepth = 8, IFilterObserver? observer = null, KernelContext? kernel = null,
+        Cache.IBlockCache? cache = null)
     {
+        BlockCache = cache;
         ArgumentOutOfRangeException.ThrowIfLessThan(maxDepth, 1);
         Kernel = kernel;
         if (kernel is not null) maxDepth = Math.Min(maxDepth, kernel.MaxDepth);   // its stacks hold that many frames
@@ -55,6 +57,9 @@ public sealed class FilterEngine
 
     /// <summary>The IO worker threads filtered requests run on; null runs them on the caller's flow (tests, tools).</summary>
     public KernelContext? Kernel { get; }
+
+    /// <summary>The block cache the cache syscalls reach; null: they are refused.</summary>
+    public Cache.IBlockCache? BlockCache { get; }
 
     /// <summary>The device under the stack.</summary>
     public IBlockDevice Device { get; }

@@ -97,6 +97,43 @@ public sealed class Syscalls
         return layer.ReadAsync(offset, destination);
     }
 
+    /// <summary>
+    /// Copies a layer's cached blocks for a range of the request into <paramref name="destination"/> (the read's buffer
+    /// or scratch); false when any block is not cached. The range is whole cache blocks; the layer is one of this
+    /// LUN's chain (a filter never sees another LUN's data).
+    /// </summary>
+    public ValueTask<bool> CacheGetAsync(Guid diskId, long offset, Memory<byte> destination)
+    {
+        var cache = EnterCache("cache_get", diskId, offset, destination.Length);
+        return cache.GetAsync(diskId, offset, destination);
+    }
+
+    /// <summary>Caches data of a layer for a range of the request (data read from that layer, say by read_layer).</summary>
+    public ValueTask CachePutAsync(Guid diskId, long offset, ReadOnlyMemory<byte> data)
+    {
+        var cache = EnterCache("cache_put", diskId, offset, data.Length);
+        return cache.PutAsync(diskId, offset, data);
+    }
+
+    /// <summary>Forgets a layer's cached blocks for a range of the request.</summary>
+    public ValueTask CacheInvalidateAsync(Guid diskId, long offset, long length)
+    {
+        var cache = EnterCache("cache_invalidate", diskId, offset, length);
+        return cache.InvalidateAsync(diskId, offset, length);
+    }
+
+    private Cache.IBlockCache EnterCache(string name, Guid diskId, long offset, long length)
+    {
+        Enter(name, FilterRights.Cache);
+        CheckRange(name, offset, length);
+        var cache = _engine.BlockCache ?? throw new SyscallRefusedException(name, _upcall.Slot.Name, "the LUN has no block cache");
+        if (offset % cache.BlockSize != 0 || length % cache.BlockSize != 0)
+            throw new SyscallRefusedException(name, _upcall.Slot.Name, $"range {offset}+{length} is not whole {cache.BlockSize}-byte cache blocks");
+        if (_engine.Chain is not { } chain || chain.IndexOf(diskId) < 0)
+            throw new SyscallRefusedException(name, _upcall.Slot.Name, $"{diskId} is not a layer of this LUN's chain");
+        return cache;
+    }
+
     /// <summary>Scratch memory on the upcall's stack, within the filter's budget.</summary>
     public ScratchBuffer Allocate(int bytes)
     {

@@ -32,6 +32,7 @@ public sealed class TargetService : IAsyncDisposable
     private readonly Dictionary<string, LunRecord> _lunRecords = new();
     private readonly CopyTargetResolver _copyTargets;
     private readonly FilterFactory _filterFactory;
+    private readonly ISCSISnap.Storage.Filters.Cache.MemoryBlockCache? _blockCache;   // shared by every LUN: clones share cached base blocks
 
     public TargetService(ApplianceCatalog catalog, DiskManager disks, ISCSISnap.Storage.Filters.KernelContext kernel, ISCSISnap.Storage.Filters.IFilterObserver filterObserver,
         TargetRegistry registry, IscsiPortal portal, ApplianceOptions options, ILogger<TargetService> log)
@@ -45,6 +46,7 @@ public sealed class TargetService : IAsyncDisposable
         _options = options;
         _log = log;
         _copyTargets = new CopyTargetResolver(registry);
+        _blockCache = options.Filters.CacheBytes > 0 ? new ISCSISnap.Storage.Filters.Cache.MemoryBlockCache(options.Filters.CacheBytes) : null;
         _filterFactory = new FilterFactory(new FilterPluginLoader(Path.Combine(options.DataDirectory, options.Filters.PluginDirectory)));
     }
 
@@ -166,7 +168,7 @@ public sealed class TargetService : IAsyncDisposable
         };
         unit.AbortTasksOfNexuses = (u, nexuses) => _portal.AbortTasksOfNexusesAsync(u, nexuses);
         // Every LUN's data path goes through its filter stack (empty until filters are configured).
-        unit.Filters = new ISCSISnap.Storage.Filters.FilterEngine(device, $"{target.Name}/{record.Lun}", _options.Filters.MaxDepth, _filterObserver, _kernel);
+        unit.Filters = new ISCSISnap.Storage.Filters.FilterEngine(device, $"{target.Name}/{record.Lun}", _options.Filters.MaxDepth, _filterObserver, _kernel, _blockCache);
         InstallFilters(unit.Filters, record);
         target.AddLun((ulong)record.Lun, unit);
         _lunRecords[record.Id] = record;

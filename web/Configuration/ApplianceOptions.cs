@@ -32,6 +32,7 @@ public sealed class ApplianceOptions
         if (Filters.Workers is < 1 or > 64) errors.Add($"filters.workers {Filters.Workers} must be 1-64");
         if (Filters.MaxDepth is < 1 or > 32) errors.Add($"filters.maxDepth {Filters.MaxDepth} must be 1-32");
         if (string.IsNullOrWhiteSpace(Filters.PluginDirectory)) errors.Add("filters.pluginDirectory must not be empty");
+        if (Filters.CacheBytes is < 0 or > 1L << 40 || Filters.CacheBytes is > 0 and < 4096) errors.Add($"filters.cacheBytes {Filters.CacheBytes} must be 0 or 4096 to 1 TiB");
         if (DemoTarget is { } demo)
         {
             if (!Names.IsValidTargetName(demo.Name)) errors.Add($"demoTarget.name '{demo.Name}' is not a valid iSCSI name (iqn., eui. or naa.)");
@@ -51,6 +52,8 @@ public sealed class FilterOptionsSection
     public int MaxDepth { get; set; } = 8;
     /// <summary>Where plugin filter assemblies are found; relative to the data directory ("plugins" by default).</summary>
     public string PluginDirectory { get; set; } = "plugins";
+    /// <summary>Bytes of the in-process block cache that filters reach through the cache syscalls (0: none, they are refused).</summary>
+    public long CacheBytes { get; set; }
 }
 
 public sealed class WebOptions
