@@ -197,7 +197,7 @@ public sealed class ChecksumFilterTests : IAsyncLifetime
         var tasks = Enumerable.Range(0, 8).Select(t => Task.Run(async () =>
         {
             var random = new Random(100 + t);
-            for (int i = 0; i < 60; i++)
+            for (int i = 0; i < 150; i++)
             {
                 int length = random.Next(1, 33) * Sector;
                 long offset = random.Next((Hot - length) / Sector + 1) * (long)Sector;
