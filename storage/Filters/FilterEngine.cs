@@ -178,6 +178,7 @@ public sealed class FilterEngine
     {
         var version = Volatile.Read(ref _current);
         if (version.Slots.Length == 0) return Device.WriteAsync(request.Offset, data, flags);
+        if (flags != request.Flags) request = request with { Flags = flags };
         if (Kernel is { } kernel) return new(kernel.RunAsync(_ => StartWrite(version, request, data, flags).AsTask()));
         return StartWrite(version, request, data, flags);
     }
@@ -264,7 +265,7 @@ public sealed class FilterEngine
         nested.InheritDepth(caller);
         try
         {
-            return await RunWriteAsync(slots, from, nested, offset, data, WriteFlags.None);
+            return await RunWriteAsync(slots, from, nested, offset, data, caller.Context.Flags);
         }
         finally
         {

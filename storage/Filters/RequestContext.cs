@@ -34,7 +34,8 @@ public enum FilterRights : byte
 /// <summary>
 /// The request as the kernel context sees it; an upcall's second stack starts from a copy of it. Offsets and
 /// lengths are in bytes of the LUN; <see cref="Issued"/> is a <see cref="System.Diagnostics.Stopwatch"/> timestamp
-/// of when the IO path took the request (0 when unknown).
+/// of when the IO path took the request (0 when unknown); <see cref="Flags"/> are a write's (FUA), which writes a
+/// filter makes below on the request's behalf carry too.
 /// </summary>
 public sealed record RequestContext(
     string Lun,
@@ -44,4 +45,5 @@ public sealed record RequestContext(
     long Offset,
     int Length,
     DateTimeOffset Deadline,
-    long Issued = 0);
+    long Issued = 0,
+    ISCSISnap.Storage.BlockDevices.WriteFlags Flags = ISCSISnap.Storage.BlockDevices.WriteFlags.None);

@@ -47,7 +47,8 @@ public sealed class TargetService : IAsyncDisposable
         _log = log;
         _copyTargets = new CopyTargetResolver(registry);
         _blockCache = options.Filters.CacheBytes > 0 ? new ISCSISnap.Storage.Filters.Cache.MemoryBlockCache(options.Filters.CacheBytes) : null;
-        _filterFactory = new FilterFactory(new FilterPluginLoader(Path.Combine(options.DataDirectory, options.Filters.PluginDirectory)));
+        _filterFactory = new FilterFactory(new FilterPluginLoader(Path.Combine(options.DataDirectory, options.Filters.PluginDirectory)),
+            Path.Combine(options.DataDirectory, "checksums"));
     }
 
     public FilterFactory FilterFactory => _filterFactory;
@@ -453,7 +454,7 @@ public sealed class TargetService : IAsyncDisposable
         {
             try
             {
-                engine.Add(_filterFactory.Create(spec), spec.ToOptions());
+                engine.Add(_filterFactory.Create(spec, engine.Device), spec.ToOptions());
             }
             catch (Exception e) when (e is FilterConfigurationException or ArgumentException or IOException or UnauthorizedAccessException)
             {
@@ -489,7 +490,7 @@ public sealed class TargetService : IAsyncDisposable
             IIoFilter filter;
             try
             {
-                filter = _filterFactory.Create(spec);
+                filter = _filterFactory.Create(spec, engine.Device);
             }
             catch (FilterConfigurationException e)
             {

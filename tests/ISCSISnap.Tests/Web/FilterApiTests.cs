@@ -254,4 +254,54 @@ public sealed class FilterApiTests
             Assert.True(reads / clock.Elapsed.TotalSeconds > 500, $"uncapped reads ran at {reads / clock.Elapsed.TotalSeconds:F0} IOPS");
         }
     }
+
+    [Fact]
+    public async Task The_checksum_filter_fails_a_read_of_a_corrupted_layer_file_with_medium_error_and_keeps_serving_the_rest()
+    {
+        using var dir = new TempDirectory();
+        string target = UniqueTarget("crc");
+        var appliance = await ApplianceProcess.StartAsync(dataDirectory: Path.Combine(dir.Path, "data"));
+        await using (appliance)
+        {
+            var http = appliance.Http;
+            await appliance.CreateTargetAsync(target, 16L << 20);
+            string filters = $"/api/v1/targets/{target}/luns/0/filters";
+            await JsonAsync(await PostAsync(http, filters, new { type = "checksum" }), 201);
+            var lun = await GetJsonAsync(http, $"/api/v1/targets/{target}/luns/0");
+            var disk = await GetJsonAsync(http, $"/api/v1/disks/{lun.Str("disk")}");
+            var before = Pattern(2048, 11, 8);
+            var initiator = await LoginAsync(appliance, target);
+            await using (initiator)
+            {
+                await initiator.WriteAsync(2048, before);
+                Assert.True((await initiator.RunAsync(Cdb.SynchronizeCache10(), 0)).Good);
+                Assert.Equal(before, await initiator.ReadAsync(2048, 8));
+
+                // Snapshot: the written blocks now live in a frozen layer, whose file is corrupted behind the appliance's back.
+                await JsonAsync(await PostAsync(http, $"/api/v1/disks/{disk.Str("id")}/snapshots", new { name = "s" }), 201);
+                string layer = disk.Str("headPath")!;
+                var bytes = await File.ReadAllBytesAsync(layer);
+                int at = bytes.AsSpan().IndexOf(before.AsSpan(512 * 3, 512));
+                Assert.True(at > 0, "the written sector is in the layer file");
+                using (var file = new FileStream(layer, FileMode.Open, FileAccess.Write, FileShare.ReadWrite))
+                {
+                    file.Position = at + 100;
+                    file.WriteByte((byte)(bytes[at + 100] ^ 0x01));
+                }
+
+                var read = await initiator.RunAsync(Cdb.Read10(2048, 8), 0, 8 * 512);
+                Assert.Equal((byte)0x02, read.Status);                 // CHECK CONDITION
+                Assert.Equal((byte)3, read.SenseKey);                  // MEDIUM ERROR
+                Assert.Equal((ushort)0x1100, read.AscAscq);            // UNRECOVERED READ ERROR
+                Assert.Equal(before.AsSpan(0, 3 * 512).ToArray(), await initiator.ReadAsync(2048, 3));   // the sectors before it still read
+                Assert.Equal(before.AsSpan(4 * 512).ToArray(), await initiator.ReadAsync(2052, 4));
+                await initiator.LogoutAsync().WaitAsync(TimeSpan.FromSeconds(10));
+            }
+            var checksum = (await GetJsonAsync(http, filters)).EnumerateArray().Single();
+            Assert.True(checksum.GetProperty("counters").GetProperty("mismatch").GetInt64() >= 1);
+            Assert.True(checksum.GetProperty("counters").GetProperty("verified").GetInt64() >= 8 + 7);
+            var metrics = await ScrapeAsync(appliance);
+            Assert.Contains("iscsisnap_filter_upcalls_total", metrics.Text);
+        }
+    }
 }
