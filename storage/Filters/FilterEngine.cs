@@ -151,13 +151,21 @@ public sealed class FilterEngine
     /// <summary>A command is about to change <paramref name="offset"/>+<paramref name="length"/> without passing its data through the stack.</summary>
 
     /// <summary>A command is about to change <paramref name="offset"/>+<paramref name="length"/> without passing its data through the stack.</summary>
-    public void RangeChanging(long offset, long length)
+    public ValueTask RangeChangingAsync(long offset, long length)
     {
-        foreach (var slot in Volatile.Read(ref _current).Slots)
-            if (slot.Filter is IRangeChangeListener listener) listener.OnRangeChanging(offset, length);
+        var slots = Volatile.Read(ref _current).Slots;
+        foreach (var slot in slots)
+            if (slot.Filter is IRangeChangeListener) return TellAsync(slots, offset, length);
+        return ValueTask.CompletedTask;   // no listener: the usual case costs nothing
+
+        static async ValueTask TellAsync(FilterSlot[] slots, long offset, long length)
+        {
+            foreach (var slot in slots)
+                if (slot.Filter is IRangeChangeListener listener) await listener.OnRangeChangingAsync(offset, length);
+        }
     }
 
-    /// <summary>The change announced by <see cref="RangeChanging"/> is done (or failed: the range may hold either data).</summary>
+    /// <summary>The change announced by <see cref="RangeChangingAsync"/> is done (or failed: the range may hold either data).</summary>
     public void RangeChanged(long offset, long length)
     {
         foreach (var slot in Volatile.Read(ref _current).Slots)

@@ -43,12 +43,13 @@ public interface IIoFilter
 
 /// <summary>
 /// Optional for a filter: told when a range of the LUN changes by a command whose data does not pass through the
-/// stack (UNMAP, WRITE SAME, EXTENDED COPY, COMPARE AND WRITE, ...), before the change and again once it is done,
-/// so state the filter keeps about those blocks (checksums, cached data) can be dropped. Called on the command's
-/// flow, not by upcall: it must only update the filter's own memory and must not block.
+/// stack (UNMAP, WRITE SAME, EXTENDED COPY, COMPARE AND WRITE, ...), before the change (which waits for it: the
+/// filter may make its own state durable first) and again once it is done, so state the filter keeps about those
+/// blocks (checksums, cached data) can be dropped. Called on the command's flow, not by upcall: it must only touch
+/// the filter's own state, and every OnRangeChangingAsync is followed by one OnRangeChanged.
 /// </summary>
 public interface IRangeChangeListener
 {
-    void OnRangeChanging(long offset, long length);
+    ValueTask OnRangeChangingAsync(long offset, long length);
     void OnRangeChanged(long offset, long length);
 }

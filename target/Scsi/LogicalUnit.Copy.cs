@@ -199,7 +199,7 @@ public sealed partial class LogicalUnit
                 int n = (int)Math.Min(chunk, length - done);
                 var status = await segment.Source.Device.ReadAsync(source + done, buffer.AsMemory(0, n)).ConfigureAwait(false);
                 if (status != IoStatus.Ok) return status;
-                destination.Filters?.RangeChanging(target + done, n);
+                if (destination.Filters is { } destinationFilters) await destinationFilters.RangeChangingAsync(target + done, n).ConfigureAwait(false);
                 status = await destination.Device.WriteAsync(target + done, new ReadOnlySequence<byte>(buffer, 0, n), flags).ConfigureAwait(false);
                 destination.Filters?.RangeChanged(target + done, n);
                 if (status != IoStatus.Ok) return status;

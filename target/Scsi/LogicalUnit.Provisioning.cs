@@ -56,7 +56,7 @@ public sealed partial class LogicalUnit
                 ulong lba = BinaryPrimitives.ReadUInt64BigEndian(d);
                 uint blocks = BinaryPrimitives.ReadUInt32BigEndian(d.Slice(8));
                 if (blocks == 0) continue;
-                Filters?.RangeChanging((long)lba << BlockShift, (long)blocks << BlockShift);
+                if (Filters is { } filters) await filters.RangeChangingAsync((long)lba << BlockShift, (long)blocks << BlockShift).ConfigureAwait(false);
                 var status = await Device.WriteZeroesAsync((long)lba << BlockShift, (long)blocks << BlockShift, deallocate: true,
                     _writeCacheEnabled ? WriteFlags.None : WriteFlags.ForceUnitAccess).ConfigureAwait(false);
                 Filters?.RangeChanged((long)lba << BlockShift, (long)blocks << BlockShift);
@@ -104,7 +104,7 @@ public sealed partial class LogicalUnit
         {
             IoStatus status;
             // The data does not pass through the filters: those keeping state about the blocks are told.
-            Filters?.RangeChanging(start, length);
+            if (Filters is { } filters) await filters.RangeChangingAsync(start, length).ConfigureAwait(false);
             if (unmap || zeros)
             {
                 // UNMAP=1 deallocates whatever the pattern (SBC-3 §4.7.3.4 lets the device server unmap instead of

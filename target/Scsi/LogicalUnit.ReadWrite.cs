@@ -284,7 +284,7 @@ public sealed partial class LogicalUnit
                 Fail(command, SenseCode.MiscompareDuringVerify, (uint)mismatch);
                 return;
             }
-            Filters?.RangeChanging(start, length);
+            if (Filters is { } filters) await filters.RangeChangingAsync(start, length).ConfigureAwait(false);
             var written = await Device.WriteAsync(start, new ReadOnlySequence<byte>(data, length, length),
                 fua ? WriteFlags.ForceUnitAccess : WriteFlags.None).ConfigureAwait(false);
             Filters?.RangeChanged(start, length);
@@ -333,7 +333,7 @@ public sealed partial class LogicalUnit
                 return;
             }
             OrInto(current.AsSpan(0, length), data.AsSpan(0, length));
-            Filters?.RangeChanging(start, length);
+            if (Filters is { } filters) await filters.RangeChangingAsync(start, length).ConfigureAwait(false);
             status = await Device.WriteAsync(start, new ReadOnlySequence<byte>(current, 0, length), flags).ConfigureAwait(false);
             Filters?.RangeChanged(start, length);
             CompleteFrom(command, status, write: true);
@@ -351,7 +351,7 @@ public sealed partial class LogicalUnit
         await _writeGate.EnterExclusiveAsync().ConfigureAwait(false);
         try
         {
-            Filters?.RangeChanging(start, command.DataOutLength);
+            if (Filters is { } filters) await filters.RangeChangingAsync(start, command.DataOutLength).ConfigureAwait(false);
             var status = await Device.WriteAtomicAsync(start, command.Buffer.AsMemory(0, command.DataOutLength), flags).ConfigureAwait(false);
             Filters?.RangeChanged(start, command.DataOutLength);
             CompleteFrom(command, status, write: true);

@@ -254,14 +254,14 @@ public sealed class ChecksumFilter : IIoFilter, IRangeChangeListener, IAsyncDisp
     /// so reads and writes racing it never trust a CRC. The head's store is open: the constructor opens the head's,
     /// and a head made later (snapshot, revert) is a new layer with no CRCs until a write through here opens its store.
     /// </summary>
-    public void OnRangeChanging(long offset, long length)
+    public async ValueTask OnRangeChangingAsync(long offset, long length)
     {
         if (length <= 0 || _chain.Head is not { } head) return;
         Register(RangeChangeId(offset, length), offset, length);
-        if (TryGetStore(head.DiskId) is not { } store) return;
+        if (TryGetStore(head.DiskId) is not { } store) return;   // a head this filter never wrote has no CRCs to forget
         lock (_written) _written.Add(store);
-        // The listener may not block: the mark becomes durable shortly, not before the change goes down (see the report).
-        store.BeginWriteNoWait(offset, length);
+        // The region's bit is durable before the change goes down: after a crash its CRCs are forgotten, never trusted.
+        await store.BeginWriteAsync(offset, length);
         _changing[(offset, length, store)] = 0;
         ResetUnderStripes(store, offset, length);
     }

@@ -284,13 +284,6 @@ public sealed class ChecksumStore
         return waitFor <= Volatile.Read(ref _durableVersion) ? ValueTask.CompletedTask : FlushBitmapAsync(waitFor);
     }
 
-    /// <summary>Marks a region without waiting for the mark to be durable (range changes, which may not block).</summary>
-    public void BeginWriteNoWait(long offset, long length)
-    {
-        var pending = BeginWriteAsync(offset, length);
-        if (!pending.IsCompleted) _ = pending.AsTask().ContinueWith(t => _ = t.Exception, TaskContinuationOptions.OnlyOnFaulted);
-    }
-
     public void EndWrite(long offset, long length)
     {
         long first = offset >> RegionShift, last = (offset + length - 1) >> RegionShift;

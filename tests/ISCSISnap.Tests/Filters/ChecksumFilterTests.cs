@@ -279,12 +279,12 @@ public sealed class ChecksumFilterTests : IAsyncLifetime
         Assert.Equal(IoStatus.Ok, await WriteAsync(engine, 0, data));
 
         // UNMAP of part of it, announced.
-        engine.RangeChanging(4096, 8192);
+        await engine.RangeChangingAsync(4096, 8192);
         Assert.Equal(IoStatus.Ok, await device.WriteZeroesAsync(4096, 8192, deallocate: true, WriteFlags.None));
         engine.RangeChanged(4096, 8192);
         // WRITE SAME of a pattern (data not passing through the stack), announced.
         var same = Pattern(Sector, 13);
-        engine.RangeChanging(16384, 4096);
+        await engine.RangeChangingAsync(16384, 4096);
         for (int i = 0; i < 8; i++) Assert.Equal(IoStatus.Ok, await device.WriteAsync(16384 + i * Sector, new ReadOnlySequence<byte>(same), WriteFlags.None));
         engine.RangeChanged(16384, 4096);
 

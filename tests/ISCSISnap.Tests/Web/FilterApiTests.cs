@@ -289,6 +289,25 @@ public sealed class FilterApiTests
                     file.WriteByte((byte)(bytes[at + 100] ^ 0x01));
                 }
 
+                // Commands whose data does not pass through the stack (UNMAP, WRITE SAME) leave no stale CRC behind.
+                await initiator.WriteAsync(4096, Pattern(4096, 12, 16));
+                var unmapList = new byte[24];
+                unmapList[1] = 22; unmapList[3] = 16;                                     // data length, descriptor length
+                System.Buffers.Binary.BinaryPrimitives.WriteUInt64BigEndian(unmapList.AsSpan(8), 4096);
+                System.Buffers.Binary.BinaryPrimitives.WriteUInt32BigEndian(unmapList.AsSpan(16), 8);
+                Assert.True((await initiator.RunAsync([0x42, 0, 0, 0, 0, 0, 0, 0, 24, 0], 0, dataOut: unmapList)).Good);
+                Assert.Equal(new byte[8 * 512], await initiator.ReadAsync(4096, 8));
+                var writeSame = new byte[16];
+                writeSame[0] = 0x93;
+                System.Buffers.Binary.BinaryPrimitives.WriteUInt64BigEndian(writeSame.AsSpan(2), 4100);
+                System.Buffers.Binary.BinaryPrimitives.WriteUInt32BigEndian(writeSame.AsSpan(10), 8);
+                var block = Pattern(1, 13);
+                Assert.True((await initiator.RunAsync(writeSame, 0, dataOut: block)).Good);
+                var same = await initiator.ReadAsync(4096, 16);
+                Assert.Equal(new byte[4 * 512], same.AsSpan(0, 4 * 512).ToArray());
+                for (int i = 4; i < 12; i++) Assert.Equal(block, same.AsSpan(i * 512, 512).ToArray());
+                Assert.Equal(Pattern(4096, 12, 16).AsSpan(12 * 512).ToArray(), same.AsSpan(12 * 512).ToArray());
+
                 var read = await initiator.RunAsync(Cdb.Read10(2048, 8), 0, 8 * 512);
                 Assert.Equal((byte)0x02, read.Status);                 // CHECK CONDITION
                 Assert.Equal((byte)3, read.SenseKey);                  // MEDIUM ERROR
