@@ -1,7 +1,7 @@
+using System.Collections.Immutable;
+using System.Text.Json;
 using ISCSISnap.Storage.Filters;
 using ISCSISnap.Storage.Filters.Configuration;
-using System.Text.Json;
-using System.Collections.Immutable;
 using ISCSISnap.Storage.BlockDevices;
 using ISCSISnap.Storage.Chains;
 using ISCSISnap.Storage.Disks;
@@ -487,6 +487,8 @@ public sealed class TargetService : IAsyncDisposable
         {
             var (unit, record) = LunOf(targetName, lun);
             var engine = unit.Filters ?? throw ApplianceError.Conflict("the LUN has no filter engine");
+            if (spec.Type != FilterSpec.Plugin && engine.Filters.Any(s => s.Name == spec.Type))
+                throw ApplianceError.Conflict($"LUN {lun} of {targetName} already has a {spec.Type} filter", "type");
             IIoFilter filter;
             try
             {

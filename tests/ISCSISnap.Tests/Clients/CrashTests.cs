@@ -43,6 +43,8 @@ public sealed class CrashTests(ITestOutputHelper output)
             await JsonAsync(await PostAsync(appliance.Http, "/api/v1/targets", new { name = target }), 201);
             var lun = await JsonAsync(await PostAsync(appliance.Http, $"/api/v1/targets/{target}/luns", new { lun = 0, sizeBytes = (long)Blocks * 512 }), 201);
             diskId = lun.Str("disk")!;
+            // Every read of the check passes the checksum filter (a false MEDIUM ERROR after a kill fails the test).
+            await JsonAsync(await PostAsync(appliance.Http, $"/api/v1/targets/{target}/luns/0/filters", new { type = "checksum", onFault = "fail" }), 201);
             for (int iteration = 0; iteration < iterations; iteration++)
             {
                 await VerifyAsync(appliance, target, diskId, acknowledged, inFlight, $"before kill {iteration}");
@@ -104,6 +106,11 @@ public sealed class CrashTests(ITestOutputHelper output)
                 appliance = await ApplianceProcess.StartAsync(dataDirectory: data);
             }
             await VerifyAsync(appliance, target, diskId, acknowledged, inFlight, "after the last kill");
+            var checksum = (await GetJsonAsync(appliance.Http, $"/api/v1/targets/{target}/luns/0/filters")).EnumerateArray().Single();
+            Assert.Equal("checksum", checksum.Str("name"));   // reinstalled from the catalog at every restart
+            Assert.Equal(0, checksum.GetProperty("faults").GetInt64());
+            Assert.False(checksum.GetProperty("counters").TryGetProperty("mismatch", out _), checksum.ToString());
+            output.WriteLine($"checksum filter after the last restart: {checksum.GetProperty("counters")}");
             Assert.Equal(0, await appliance.StopAsync());
         }
         finally
