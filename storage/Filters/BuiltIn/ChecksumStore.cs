@@ -231,16 +231,22 @@ public sealed class ChecksumStore
         var chunks = Volatile.Read(ref _chunks);
         if (index < chunks.Length && chunks[index] is { } found) return found;
         if (!create) return null;
+        // Readers holding the old array see the same chunk objects; one missing there reads as "not recorded".
+        return GetOrCreate(ref _chunks, index);
+    }
+
+    /// <summary>The entry at <paramref name="index"/> of a table that grows by doubling (made under the lock, published whole).</summary>
+    private T GetOrCreate<T>(ref T?[] table, long index) where T : class, new()
+    {
         lock (_lock)
         {
-            chunks = _chunks;
-            if (index >= chunks.Length)
+            var current = table;
+            if (index >= current.Length)
             {
-                // Readers holding the old array see the same chunk objects; one missing there reads as "not recorded".
-                Array.Resize(ref chunks, (int)Math.Max(index + 1, chunks.Length * 2L));
-                Volatile.Write(ref _chunks, chunks);
+                Array.Resize(ref current, (int)Math.Max(index + 1, current.Length * 2L));
+                Volatile.Write(ref table, current);
             }
-            return chunks[index] ??= new Chunk();
+            return current[index] ??= new T();
         }
     }
 
@@ -251,16 +257,7 @@ public sealed class ChecksumStore
         long index = region >> RegionChunkShift;
         var regions = Volatile.Read(ref _regions);
         if (index < regions.Length && regions[index] is { } found) return found;
-        lock (_lock)
-        {
-            regions = _regions;
-            if (index >= regions.Length)
-            {
-                Array.Resize(ref regions, (int)Math.Max(index + 1, regions.Length * 2L));
-                Volatile.Write(ref _regions, regions);
-            }
-            return regions[index] ??= new RegionChunk();
-        }
+        return GetOrCreate(ref _regions, index);
     }
 
     /// <summary>
