@@ -12,6 +12,8 @@ using Serilog.Formatting.Compact;
 
 if (args.Length > 0 && args[0] == "disk")
     return await ISCSISnap.Web.Cli.DiskCli.RunAsync(args[1..], Console.Out, Console.Error);
+if (args.Length > 0 && args[0] == "filter")
+    return await ISCSISnap.Web.Cli.FilterCli.RunAsync(args[1..], Console.Out, Console.Error);
 
 var commandLine = CommandLine.Parse(args, out var argumentError);
 if (argumentError is not null)

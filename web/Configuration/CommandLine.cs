@@ -6,6 +6,7 @@ public sealed record CommandLine(string? ConfigFile, string? DataDirectory, stri
     public const string Usage = """
         usage: iscsisnap [--config FILE] [--data DIR] [--portal HOST:PORT] [--web URL]
                iscsisnap disk COMMAND ...   (manage the disks of a running appliance; iscsisnap disk --help)
+               iscsisnap filter COMMAND ... (manage LUN filter stacks of a running appliance; iscsisnap filter --help)
           --config FILE      appliance configuration (default: the built-in appliance.json)
           --data DIR         data directory: catalog, images, logs (default from the configuration: ./data)
           --portal HOST:PORT iSCSI portal to listen on (default 0.0.0.0:3260)

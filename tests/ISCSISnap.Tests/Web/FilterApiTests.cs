@@ -323,4 +323,48 @@ public sealed class FilterApiTests
             Assert.Contains("iscsisnap_filter_upcalls_total", metrics.Text);
         }
     }
+
+    [Fact]
+    public async Task The_cli_manages_a_luns_filter_stack_and_reports_refusals()
+    {
+        using var dir = new TempDirectory();
+        string target = UniqueTarget("cli");
+        var appliance = await ApplianceProcess.StartAsync(dataDirectory: Path.Combine(dir.Path, "data"));
+        await using (appliance)
+        {
+            await appliance.CreateTargetAsync(target, 8L << 20);
+            string web = $"http://127.0.0.1:{appliance.WebPort}";
+            var added = await RunApplianceAsync("filter", "--web", web, "add", target, "0", "trace", "sampleEvery=2", "capacity=32");
+            Assert.True(added.ExitCode == 0, added.ToString());
+            added = await RunApplianceAsync("filter", "--web", web, "add", target, "0", "qos", "iopsPerLun=5000", "--position", "0");
+            Assert.True(added.ExitCode == 0, added.ToString());
+            var list = await RunApplianceAsync("filter", "--web", web, "list", target, "0");
+            Assert.True(list.ExitCode == 0, list.ToString());
+            var rows = list.StdOut.Split('\n', StringSplitOptions.RemoveEmptyEntries);
+            Assert.Contains(" qos ", rows[1]);
+            Assert.Contains(" trace ", rows[2]);
+            var changed = await RunApplianceAsync("filter", "--web", web, "qos", target, "0", "iopsPerLun=7000");
+            Assert.True(changed.ExitCode == 0, changed.ToString());
+            var stack = await GetJsonAsync(appliance.Http, $"/api/v1/targets/{target}/luns/0/filters");
+            Assert.Equal(7000, stack[0].GetProperty("spec").GetProperty("iopsPerLun").GetInt32());
+            Assert.Equal(2, stack[1].GetProperty("spec").GetProperty("sampleEvery").GetInt32());
+
+            var refused = await RunApplianceAsync("filter", "--web", web, "add", target, "0", "trace");
+            Assert.Equal(1, refused.ExitCode);
+            Assert.Contains("409", refused.StdErr);
+            refused = await RunApplianceAsync("filter", "--web", web, "add", target, "0", "qos", "sampleEvery=3");
+            Assert.Equal(1, refused.ExitCode);
+            Assert.Contains("sampleEvery does not apply to a qos filter", refused.StdErr);
+            var usage = await RunApplianceAsync("filter", "--web", web, "add", target, "zero", "qos");
+            Assert.Equal(2, usage.ExitCode);
+            Assert.Contains("LUN 'zero' is not a number", usage.StdErr);
+
+            var removed = await RunApplianceAsync("filter", "--web", web, "remove", target, "0", "qos");
+            Assert.True(removed.ExitCode == 0, removed.ToString());
+            var trace = await RunApplianceAsync("filter", "--web", web, "trace", target, "0", "--limit", "5");
+            Assert.True(trace.ExitCode == 0, trace.ToString());
+            Assert.StartsWith("AT", trace.StdOut);
+            Assert.Single((await GetJsonAsync(appliance.Http, $"/api/v1/targets/{target}/luns/0/filters")).EnumerateArray());
+        }
+    }
 }
