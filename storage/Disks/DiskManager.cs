@@ -80,6 +80,15 @@ public sealed partial class DiskManager : IAsyncDisposable
         }
     }
 
+    /// <summary>The disk ID of every layer the manager knows (heads, snapshots, imported bases).</summary>
+    public IReadOnlySet<Guid> LayerIds
+    {
+        get
+        {
+            lock (_attached) return _document.Layers.Select(l => l.Id).ToHashSet();
+        }
+    }
+
     public DiskInfo GetDisk(Guid id)
     {
         lock (_attached) return InfoOf(DiskRecordOf(id));

@@ -59,6 +59,9 @@ public sealed class TargetService : IAsyncDisposable
     /// <summary>Brings up every catalogued target and LUN, creating the demo target on a new catalog and applying declared targets.</summary>
     public async Task LoadAsync()
     {
+        // Checksums of layers merged or deleted since they were written go before any filter opens a store.
+        foreach (var file in ISCSISnap.Storage.Filters.BuiltIn.ChecksumStore.RemoveOrphans(_filterFactory.ChecksumDirectory, _disks.LayerIds))
+            Log.ChecksumsRemoved(_log, file);
         if (_catalog.IsNew && _options.DemoTarget is { } demo && _catalog.FindTarget(demo.Name) is null)
         {
             var target = new TargetRecord { Id = demo.Name.ToLowerInvariant(), Name = demo.Name, Alias = demo.Alias, CreatedAt = DateTime.UtcNow };

@@ -72,6 +72,9 @@ internal static partial class Log
     [LoggerMessage(2405, LogLevel.Error, "filter {Type} of LUN {Lun} could not be set up, the LUN runs without it: {Reason}")]
     public static partial void FilterUnavailable(ILogger logger, string lun, string type, string reason);
 
+    [LoggerMessage(2406, LogLevel.Information, "removed {File}: the checksums of a layer that no longer exists")]
+    public static partial void ChecksumsRemoved(ILogger logger, string file);
+
     [LoggerMessage(2201, LogLevel.Warning, "refused a management request from {Remote}: the API is loopback-only until authentication arrives")]
     public static partial void NonLoopbackRefused(ILogger logger, string remote);
 }

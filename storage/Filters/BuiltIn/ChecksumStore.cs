@@ -85,6 +85,23 @@ public sealed class ChecksumStore
     // ---------------------------------------------------------------- open and close
 
     /// <summary>Opens (or creates) the store of <paramref name="diskId"/> in <paramref name="directory"/>, or adds a reference to the one open. Blocking file IO: call off the IO workers.</summary>
+    /// <summary>
+    /// Deletes the stores of layers that no longer exist (merged or deleted while no filter held them); returns the
+    /// files deleted. Run at start, before any filter opens a store.
+    /// </summary>
+    public static IReadOnlyList<string> RemoveOrphans(string directory, IReadOnlySet<Guid> layers)
+    {
+        var removed = new List<string>();
+        if (!Directory.Exists(directory)) return removed;
+        foreach (var file in Directory.EnumerateFiles(directory, "*.crc"))
+        {
+            if (!Guid.TryParse(System.IO.Path.GetFileNameWithoutExtension(file), out var id) || layers.Contains(id)) continue;
+            File.Delete(file);
+            removed.Add(file);
+        }
+        return removed;
+    }
+
     public static ChecksumStore Acquire(string directory, Guid diskId, int sectorSize)
     {
         string path = System.IO.Path.GetFullPath(System.IO.Path.Combine(directory, diskId.ToString("D") + ".crc"));

@@ -367,4 +367,51 @@ public sealed class FilterApiTests
             Assert.Single((await GetJsonAsync(appliance.Http, $"/api/v1/targets/{target}/luns/0/filters")).EnumerateArray());
         }
     }
+
+    [Fact]
+    public async Task Checksums_of_a_merged_snapshot_are_removed_at_the_next_start()
+    {
+        using var dir = new TempDirectory();
+        string data = Path.Combine(dir.Path, "data"), checksums = Path.Combine(data, "checksums");
+        string target = UniqueTarget("orphans");
+        string snapshotId, headId;
+        var appliance = await ApplianceProcess.StartAsync(dataDirectory: data);
+        await using (appliance)
+        {
+            var http = appliance.Http;
+            await appliance.CreateTargetAsync(target, 16L << 20);
+            await JsonAsync(await PostAsync(http, $"/api/v1/targets/{target}/luns/0/filters", new { type = "checksum" }), 201);
+            string diskId = (await GetJsonAsync(http, $"/api/v1/targets/{target}/luns/0")).Str("disk")!;
+            var initiator = await LoginAsync(appliance, target);
+            await using (initiator)
+            {
+                await initiator.WriteAsync(0, Pattern(0, 1, 8));
+                snapshotId = (await JsonAsync(await PostAsync(http, $"/api/v1/disks/{diskId}/snapshots", new { name = "s" }), 201)).Str("id")!;
+                await initiator.WriteAsync(100, Pattern(100, 2, 8));
+                await initiator.LogoutAsync().WaitAsync(TimeSpan.FromSeconds(10));
+            }
+            headId = (await GetJsonAsync(http, $"/api/v1/disks/{diskId}")).Str("headId")!;
+            var job = await JsonAsync(await SendAsync(http, HttpMethod.Delete, $"/api/v1/disks/{diskId}/snapshots/{snapshotId}"), 202);
+            Assert.True(await EventuallyAsync(async () => (await GetJsonAsync(http, $"/api/v1/jobs/{job.Str("id")}")).Str("state") == "Succeeded", TimeSpan.FromSeconds(60)));
+            Assert.Equal(0, await appliance.StopAsync());
+        }
+        Assert.True(File.Exists(Path.Combine(checksums, $"{snapshotId}.crc")), "the merged snapshot's checksums outlive it until the next start");
+        Assert.True(File.Exists(Path.Combine(checksums, $"{headId}.crc")));
+
+        appliance = await ApplianceProcess.StartAsync(dataDirectory: data);
+        await using (appliance)
+        {
+            Assert.False(File.Exists(Path.Combine(checksums, $"{snapshotId}.crc")));
+            Assert.True(File.Exists(Path.Combine(checksums, $"{headId}.crc")));
+            var initiator = await LoginAsync(appliance, target);
+            await using (initiator)
+            {
+                Assert.Equal(Pattern(0, 1, 8), await initiator.ReadAsync(0, 8));       // merged into the head: unverified, intact
+                Assert.Equal(Pattern(100, 2, 8), await initiator.ReadAsync(100, 8));   // written to the head: verified
+                await initiator.LogoutAsync().WaitAsync(TimeSpan.FromSeconds(10));
+            }
+            var counters = (await GetJsonAsync(appliance.Http, $"/api/v1/targets/{target}/luns/0/filters")).EnumerateArray().Single().GetProperty("counters");
+            Assert.Equal(8, counters.GetProperty("verified").GetInt64());
+        }
+    }
 }
