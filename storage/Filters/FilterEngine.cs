@@ -128,6 +128,8 @@ public sealed class FilterEngine
 
     private void Publish(FilterSlot[] slots)
     {
+        // A superseded version with no request counted in can gain none (see EnterVersion): nothing to wait for.
+        _undrained.RemoveAll(v => Volatile.Read(ref v.InFlight) == 0);
         _undrained.Add(_current);
         Volatile.Write(ref _current, new StackVersion(slots));
     }
@@ -147,8 +149,6 @@ public sealed class FilterEngine
         if (filter is IAsyncDisposable asyncDisposable) await asyncDisposable.DisposeAsync();
         else if (filter is IDisposable disposable) disposable.Dispose();
     }
-
-    /// <summary>A command is about to change <paramref name="offset"/>+<paramref name="length"/> without passing its data through the stack.</summary>
 
     /// <summary>A command is about to change <paramref name="offset"/>+<paramref name="length"/> without passing its data through the stack.</summary>
     public ValueTask RangeChangingAsync(long offset, long length)
@@ -176,25 +176,50 @@ public sealed class FilterEngine
 
     public ValueTask<IoStatus> ReadAsync(RequestContext request, Memory<byte> destination)
     {
-        var version = Volatile.Read(ref _current);
-        if (version.Slots.Length == 0) return Device.ReadAsync(request.Offset, destination);
+        if (Volatile.Read(ref _current).Slots.Length == 0) return Device.ReadAsync(request.Offset, destination);
+        var version = EnterVersion();
+        if (version.Slots.Length == 0)
+        {
+            Interlocked.Decrement(ref version.InFlight);
+            return Device.ReadAsync(request.Offset, destination);
+        }
         if (Kernel is { } kernel) return new(kernel.RunAsync(_ => StartRead(version, request, destination).AsTask()));
         return StartRead(version, request, destination);
     }
 
+    /// <summary>
+    /// Counts a request in on the current version of the stack. The count is taken, then the version checked to be
+    /// still current: a removal publishes its new version before it drains the old one, so either this request is
+    /// counted where the drain will see it, or it moves on to the new version (without the removed filter).
+    /// </summary>
+    private StackVersion EnterVersion()
+    {
+        while (true)
+        {
+            var version = Volatile.Read(ref _current);
+            Interlocked.Increment(ref version.InFlight);
+            if (ReferenceEquals(version, Volatile.Read(ref _current))) return version;
+            Interlocked.Decrement(ref version.InFlight);
+        }
+    }
+
     public ValueTask<IoStatus> WriteAsync(RequestContext request, ReadOnlySequence<byte> data, WriteFlags flags)
     {
-        var version = Volatile.Read(ref _current);
-        if (version.Slots.Length == 0) return Device.WriteAsync(request.Offset, data, flags);
+        if (Volatile.Read(ref _current).Slots.Length == 0) return Device.WriteAsync(request.Offset, data, flags);
+        var version = EnterVersion();
+        if (version.Slots.Length == 0)
+        {
+            Interlocked.Decrement(ref version.InFlight);
+            return Device.WriteAsync(request.Offset, data, flags);
+        }
         if (flags != request.Flags) request = request with { Flags = flags };
         if (Kernel is { } kernel) return new(kernel.RunAsync(_ => StartWrite(version, request, data, flags).AsTask()));
         return StartWrite(version, request, data, flags);
     }
 
-    /// <summary>The request on its first kernel stack (a worker's, when it runs on one).</summary>
+    /// <summary>The request on its first kernel stack (a worker's, when it runs on one); it leaves its version when done.</summary>
     private async ValueTask<IoStatus> StartRead(StackVersion version, RequestContext request, Memory<byte> destination)
     {
-        Interlocked.Increment(ref version.InFlight);
         var first = RentStack();
         first.InitialiseFirst(request);
         try
@@ -210,7 +235,6 @@ public sealed class FilterEngine
 
     private async ValueTask<IoStatus> StartWrite(StackVersion version, RequestContext request, ReadOnlySequence<byte> data, WriteFlags flags)
     {
-        Interlocked.Increment(ref version.InFlight);
         var first = RentStack();
         first.InitialiseFirst(request);
         try
