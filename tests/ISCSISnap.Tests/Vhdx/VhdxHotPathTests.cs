@@ -35,16 +35,22 @@ public sealed class VhdxHotPathTests
             Assert.Equal(IoStatus.Ok, await vhdx.WriteAsync(1 << 20, sequence, false));
             Assert.Equal(IoStatus.Ok, await vhdx.ReadAsync(1 << 20, buffer));
         }
-        long before = GC.GetAllocatedBytesForCurrentThread();
-        for (int i = 0; i < 1000; i++)
+        // A per-IO allocation shows in every round; a one-off (the runtime re-jitting a method, say, which a loaded
+        // CI machine makes likelier) in one round only: the quietest of three rounds is the figure.
+        var rounds = new List<long>();
+        for (int round = 0; round < 3; round++)
         {
-            var w = vhdx.WriteAsync(1 << 20, sequence, false);
-            Assert.True(w.IsCompletedSuccessfully && w.Result == IoStatus.Ok);
-            var r = vhdx.ReadAsync(1 << 20, buffer);
-            Assert.True(r.IsCompletedSuccessfully && r.Result == IoStatus.Ok);
+            long before = GC.GetAllocatedBytesForCurrentThread();
+            for (int i = 0; i < 1000; i++)
+            {
+                var w = vhdx.WriteAsync(1 << 20, sequence, false);
+                Assert.True(w.IsCompletedSuccessfully && w.Result == IoStatus.Ok);
+                var r = vhdx.ReadAsync(1 << 20, buffer);
+                Assert.True(r.IsCompletedSuccessfully && r.Result == IoStatus.Ok);
+            }
+            rounds.Add(GC.GetAllocatedBytesForCurrentThread() - before);
         }
-        long allocated = GC.GetAllocatedBytesForCurrentThread() - before;
-        Assert.True(allocated < 1024, $"{allocated} bytes allocated by 1000 reads and overwrites");
+        Assert.True(rounds.Min() < 1024, $"{string.Join(", ", rounds)} bytes allocated by rounds of 1000 reads and overwrites");
         Assert.Equal(data, buffer);
     }
 }
