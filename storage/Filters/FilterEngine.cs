@@ -403,6 +403,7 @@ public sealed class FilterEngine
         while (true)
         {
             ValueTask<FilterVerdict> pending;
+            long attempt = Stopwatch.GetTimestamp();
             try
             {
                 pending = first.Context.Operation == IoOperation.Read ? slot.Filter.OnReadAsync(upcall) : slot.Filter.OnWriteAsync(upcall);
@@ -417,6 +418,14 @@ public sealed class FilterEngine
             if (pending.IsCompletedSuccessfully)
             {
                 verdict = pending.Result;
+                // A filter that blocked its thread instead of awaiting cannot be cut short (the worker was stuck in
+                // it), but overrunning its deadline that way is a fault like any other.
+                if (Stopwatch.GetElapsedTime(attempt) is var took && took > slot.Options.UpcallDeadline)
+                {
+                    upcall.Syscalls.Expired = true;
+                    Faulted(slot, $"blocked its thread for {took.TotalMilliseconds:F0} ms, over its upcall deadline of {slot.Options.UpcallDeadline.TotalMilliseconds:F0} ms");
+                    return (PolicyVerdict(slot), upcall, false);
+                }
             }
             else
             {

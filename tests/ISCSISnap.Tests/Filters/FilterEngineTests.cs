@@ -399,4 +399,18 @@ public abstract class FilterEngineTestsBase : IAsyncLifetime
         Assert.False(filter.UsedAfterDispose);
         Assert.False(await engine.RemoveAsync("slow"));
     }
+
+    [Fact]
+    public async Task A_filter_that_blocks_its_thread_past_the_deadline_is_a_fault_handled_by_its_policy()
+    {
+        var engine = NewEngine();
+        var slot = engine.Add(new Lambda("blocker", _ =>
+        {
+            Thread.Sleep(120);   // blocks instead of awaiting
+            return Verdict(FilterVerdict.Complete);
+        }), new FilterOptions { UpcallDeadline = TimeSpan.FromMilliseconds(30), OnFault = FailurePolicy.Fail, FailureStatus = IoStatus.NotReady });
+        Assert.Equal(IoStatus.NotReady, await engine.ReadAsync(Read(0, 4096), new byte[4096]));
+        Assert.Equal(1, slot.Faults);
+        Assert.Equal(0, slot.VerdictCount(VerdictKind.Complete));
+    }
 }
