@@ -14,22 +14,8 @@ namespace ISCSISnap.Tests.Filters;
 /// read's owning layer, answers from the cache by (disk ID, offset) or reads the layer and caches it, so two linked
 /// clones share the base's cached blocks; the syscalls check rights, ranges, alignment and the chain.
 /// </summary>
-public sealed class CacheSyscallTests : IAsyncLifetime
+public sealed class CacheSyscallTests : DiskManagerTest
 {
-    private readonly TempDirectory _directory = new();
-    private DiskManager _manager = null!;
-
-    public Task InitializeAsync()
-    {
-        _manager = DiskManager.Open(Path.Combine(_directory.Path, "disks"));
-        return Task.CompletedTask;
-    }
-
-    public async Task DisposeAsync()
-    {
-        await _manager.DisposeAsync();
-        _directory.Dispose();
-    }
 
     /// <summary>Caches whole-block reads that one layer owns; everything else passes.</summary>
     private sealed class ReadCache : IIoFilter

@@ -10,26 +10,12 @@ using Xunit;
 namespace ISCSISnap.Tests.Filters;
 
 /// <summary>The checksum filter over real VHDX chains: verification, corruption found on disk, snapshots, races, crashes, range changes.</summary>
-public sealed class ChecksumFilterTests : IAsyncLifetime
+public sealed class ChecksumFilterTests : DiskManagerTest
 {
     private const int Sector = 512;
     private const long Size = 64L << 20;
-    private readonly TempDirectory _directory = new();
-    private DiskManager _manager = null!;
     private string CrcDirectory => Path.Combine(_directory.Path, "crc");
     private static readonly FilterOptions Strict = new() { OnFault = FailurePolicy.Fail, FailureStatus = IoStatus.NotReady };
-
-    public Task InitializeAsync()
-    {
-        _manager = DiskManager.Open(Path.Combine(_directory.Path, "disks"));
-        return Task.CompletedTask;
-    }
-
-    public async Task DisposeAsync()
-    {
-        await _manager.DisposeAsync();
-        _directory.Dispose();
-    }
 
     private async Task<(Guid DiskId, ChainDevice Device)> NewDiskAsync(string name = "d")
     {
