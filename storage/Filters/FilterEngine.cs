@@ -257,21 +257,20 @@ public sealed class FilterEngine
     }
 
     /// <summary>A read syscall of <paramref name="caller"/>: the filters below it, then the device.</summary>
-    internal ValueTask<IoStatus> ReadFromAsync(Upcall upcall, long offset, Memory<byte> destination)
-    {
-        // The request's own version of the stack: a filter removed meanwhile still reads what was below it.
-        var (slots, stack) = (upcall.Slots, upcall.Stack);
-        int index = Array.IndexOf(slots, upcall.Slot);
-        if (stack.Depth >= MaxDepth && index + 1 < slots.Length) return new(IoStatus.NotReady);
-        return NestedReadAsync(slots, index + 1, stack, offset, destination);
-    }
+    internal ValueTask<IoStatus> ReadFromAsync(Upcall upcall, long offset, Memory<byte> destination) =>
+        Below(upcall, out int from) ? NestedReadAsync(upcall.Slots, from, upcall.Stack, offset, destination) : new(IoStatus.NotReady);
 
-    internal ValueTask<IoStatus> WriteFromAsync(Upcall upcall, long offset, ReadOnlySequence<byte> data)
+    internal ValueTask<IoStatus> WriteFromAsync(Upcall upcall, long offset, ReadOnlySequence<byte> data) =>
+        Below(upcall, out int from) ? NestedWriteAsync(upcall.Slots, from, upcall.Stack, offset, data) : new(IoStatus.NotReady);
+
+    /// <summary>
+    /// Where a syscall of <paramref name="upcall"/>'s filter continues in the request's own version of the stack (a
+    /// filter removed meanwhile still reaches what was below it); false when that would nest past <see cref="MaxDepth"/>.
+    /// </summary>
+    private bool Below(Upcall upcall, out int from)
     {
-        var (slots, stack) = (upcall.Slots, upcall.Stack);
-        int index = Array.IndexOf(slots, upcall.Slot);
-        if (stack.Depth >= MaxDepth && index + 1 < slots.Length) return new(IoStatus.NotReady);
-        return NestedWriteAsync(slots, index + 1, stack, offset, data);
+        from = Array.IndexOf(upcall.Slots, upcall.Slot) + 1;
+        return upcall.Stack.Depth < MaxDepth || from >= upcall.Slots.Length;
     }
 
     /// <summary>A syscall's own stack continues its caller's: the upcalls it makes nest one level deeper.</summary>
@@ -312,20 +311,21 @@ public sealed class FilterEngine
         {
             var verdict = await CallAsync(slots, slots[i], first, FilterPhase.Before, destination, default);
             if (verdict.Kind == VerdictKind.Fail) return verdict.Status;
-            if (verdict.Kind == VerdictKind.Complete) return await AfterReadAsync(slots, transforms, first, destination);
+            if (verdict.Kind == VerdictKind.Complete) return await UpAsync(slots, transforms, first, FilterPhase.AfterRead, destination, default);
             if (verdict.Kind == VerdictKind.Transform && i < 64) transforms |= 1UL << i;
         }
         var status = await Device.ReadAsync(offset, destination);
         if (status != IoStatus.Ok) return status;
-        return await AfterReadAsync(slots, transforms, first, destination);
+        return await UpAsync(slots, transforms, first, FilterPhase.AfterRead, destination, default);
     }
 
-    private async ValueTask<IoStatus> AfterReadAsync(FilterSlot[] slots, ulong transforms, KernelStack first, Memory<byte> data)
+    /// <summary>On the way up: the filters in <paramref name="mask"/> (by index, up to 64) again, bottom first.</summary>
+    private async ValueTask<IoStatus> UpAsync(FilterSlot[] slots, ulong mask, KernelStack first, FilterPhase phase, Memory<byte> buffer, ReadOnlySequence<byte> data)
     {
         for (int i = Math.Min(slots.Length, 64) - 1; i >= 0; i--)
         {
-            if ((transforms & (1UL << i)) == 0) continue;
-            var verdict = await CallAsync(slots, slots[i], first, FilterPhase.AfterRead, data, default);
+            if ((mask & (1UL << i)) == 0) continue;
+            var verdict = await CallAsync(slots, slots[i], first, phase, buffer, data);
             if (verdict.Kind == VerdictKind.Fail) return verdict.Status;
         }
         return IoStatus.Ok;
@@ -350,13 +350,7 @@ public sealed class FilterEngine
             }
             if (i == slots.Length) status = await Device.WriteAsync(offset, data, flags);
             if (status != IoStatus.Ok || after == 0) return status;
-            for (int j = Math.Min(slots.Length, 64) - 1; j >= 0; j--)
-            {
-                if ((after & (1UL << j)) == 0) continue;
-                var verdict = await CallAsync(slots, slots[j], first, FilterPhase.AfterWrite, default, data);
-                if (verdict.Kind == VerdictKind.Fail) return verdict.Status;
-            }
-            return IoStatus.Ok;
+            return await UpAsync(slots, after, first, FilterPhase.AfterWrite, default, data);
         }
         finally
         {

@@ -28,7 +28,7 @@ public sealed class ChecksumFilter : IIoFilter, IRangeChangeListener, IAsyncDisp
     private readonly Stripe[] _stripes = new Stripe[StripeCount];
     private (Guid Id, ChecksumStore Store)[] _stores = [];
     private readonly Dictionary<Guid, Task<ChecksumStore>> _opening = new();
-    private readonly HashSet<ChecksumStore> _written = new();   // stores whose bits this filter sets: it checkpoints them
+    private ChecksumStore[] _written = [];   // stores whose bits this filter sets (its device's flush makes them true): it checkpoints them
     private readonly object _lock = new();
     private readonly CancellationTokenSource _stop = new();
     private readonly Task _checkpointer;
@@ -48,8 +48,6 @@ public sealed class ChecksumFilter : IIoFilter, IRangeChangeListener, IAsyncDisp
         _sectorSize = chain.LogicalBlockSize;
         _sectorShift = System.Numerics.BitOperations.Log2((uint)_sectorSize);
         for (int i = 0; i < _stripes.Length; i++) _stripes[i] = new Stripe();
-        // Opened now (blocking, at LUN setup) so range changes, which may not wait, find the head's store open.
-        if (chain.Head is { } head) Adopt(head.DiskId);
         var interval = checkpointInterval ?? TimeSpan.FromSeconds(5);
         _checkpointer = interval > TimeSpan.Zero ? Task.Run(() => CheckpointLoopAsync(interval)) : Task.CompletedTask;
     }
@@ -67,7 +65,7 @@ public sealed class ChecksumFilter : IIoFilter, IRangeChangeListener, IAsyncDisp
         // The layer the data goes to; if the chain changes before we record, the owner we resolve differs and we record nothing.
         Guid headId = head.DiskId;
         var store = TryGetStore(headId) ?? await OpenStoreAsync(headId);
-        lock (_written) _written.Add(store);
+        Written(store);
 
         byte[]? copied = null;
         uint[] crcs = ArrayPool<uint>.Shared.Rent(length >> _sectorShift);
@@ -172,8 +170,7 @@ public sealed class ChecksumFilter : IIoFilter, IRangeChangeListener, IAsyncDisp
         var buffer = upcall.ReadBuffer;
         if (buffer.Length == 0 || ((offset | (long)buffer.Length) & (_sectorSize - 1)) != 0) return FilterVerdict.Pass;
 
-        await EnsureStoresAsync(upcall, offset, buffer.Length);
-        var first = Verify(upcall, offset, buffer.Span, out long bad);
+        var first = await VerifyAsync(upcall, offset, buffer);
         if (first.Mismatched == 0) return Counted(upcall, first, FilterVerdict.Pass);
 
         // A mismatch: a write racing this read (new data and old CRC, or the reverse) or real corruption. Read again
@@ -183,18 +180,27 @@ public sealed class ChecksumFilter : IIoFilter, IRangeChangeListener, IAsyncDisp
         if (busy) return Counted(upcall, first with { Unverified = first.Unverified + first.Mismatched, Mismatched = 0 }, FilterVerdict.Pass);
         var again = await upcall.Syscalls.ReadBelowAsync(offset, buffer);
         if (again != IoStatus.Ok) return FilterVerdict.Fail(again);
-        await EnsureStoresAsync(upcall, offset, buffer.Length);
-        var second = Verify(upcall, offset, buffer.Span, out bad);
+        var second = await VerifyAsync(upcall, offset, buffer);
         long after = SequenceOf(lo, hi, offset, buffer.Length, out busy);
         if (second.Mismatched == 0) return Counted(upcall, second, FilterVerdict.Pass);
         if (busy || after != before) return Counted(upcall, second with { Unverified = second.Unverified + second.Mismatched, Mismatched = 0 }, FilterVerdict.Pass);
 
+        long bad = second.FirstBad;
         var (owner, _) = upcall.Syscalls.ResolveOwner(bad);
         upcall.Syscalls.Log($"CRC-32C mismatch at LBA {bad >> _sectorShift} (layer {owner}): {second.Mismatched} sector(s) of the read at LBA {offset >> _sectorShift}+{buffer.Length >> _sectorShift}");
         return Counted(upcall, second, FilterVerdict.Fail(IoStatus.ReadError));
     }
 
-    private readonly record struct Tally(long Verified, long Unverified, long Mismatched);
+    private readonly record struct Tally(long Verified, long Unverified, long Mismatched, long FirstBad = -1, bool StoreMissing = false);
+
+    /// <summary>Verifies <paramref name="data"/>; a layer whose store this filter has not opened yet is opened first (once per layer) and the data checked again.</summary>
+    private async ValueTask<Tally> VerifyAsync(Upcall upcall, long offset, Memory<byte> data)
+    {
+        var tally = Verify(upcall, offset, data.Span);
+        if (!tally.StoreMissing) return tally;
+        await EnsureStoresAsync(upcall, offset, data.Length);
+        return Verify(upcall, offset, data.Span);
+    }
 
     private static FilterVerdict Counted(Upcall upcall, Tally tally, FilterVerdict verdict)
     {
@@ -204,11 +210,11 @@ public sealed class ChecksumFilter : IIoFilter, IRangeChangeListener, IAsyncDisp
         return verdict;
     }
 
-    /// <summary>Checks each sector of <paramref name="data"/> against its owner's store; <paramref name="bad"/> is the first mismatching offset.</summary>
-    private Tally Verify(Upcall upcall, long offset, ReadOnlySpan<byte> data, out long bad)
+    /// <summary>Checks each sector of <paramref name="data"/> against its owner's store (<see cref="Tally.FirstBad"/>: the first mismatching offset).</summary>
+    private Tally Verify(Upcall upcall, long offset, ReadOnlySpan<byte> data)
     {
-        long verified = 0, unverified = 0, mismatched = 0;
-        bad = -1;
+        long verified = 0, unverified = 0, mismatched = 0, bad = -1;
+        bool missing = false;
         int at = 0;
         while (at < data.Length)
         {
@@ -217,7 +223,8 @@ public sealed class ChecksumFilter : IIoFilter, IRangeChangeListener, IAsyncDisp
             var store = owner == Guid.Empty ? null : TryGetStore(owner);
             if (store is null)
             {
-                // Zeros nobody holds, or a layer not opened yet (its store is opened by EnsureStoresAsync first).
+                // Zeros nobody holds, or a layer whose store is not open yet (VerifyAsync opens it and checks again).
+                missing |= owner != Guid.Empty;
                 unverified += run >> _sectorShift;
                 at += run;
                 continue;
@@ -232,7 +239,7 @@ public sealed class ChecksumFilter : IIoFilter, IRangeChangeListener, IAsyncDisp
                 if (bad < 0) bad = offset + at;
             }
         }
-        return new Tally(verified, unverified, mismatched);
+        return new Tally(verified, unverified, mismatched, bad, missing);
     }
 
     /// <summary>Opens the store of every layer the range resolves to that this filter has not seen yet (once per layer).</summary>
@@ -251,15 +258,15 @@ public sealed class ChecksumFilter : IIoFilter, IRangeChangeListener, IAsyncDisp
     /// <summary>
     /// UNMAP, WRITE SAME and the like change only the head (the layers below are frozen, their CRCs stay right): the
     /// head's CRCs for the range are forgotten before and after the change, and the change counts as a write in flight
-    /// so reads and writes racing it never trust a CRC. The head's store is open: the constructor opens the head's,
-    /// and a head made later (snapshot, revert) is a new layer with no CRCs until a write through here opens its store.
+    /// so reads and writes racing it never trust a CRC.
     /// </summary>
     public async ValueTask OnRangeChangingAsync(long offset, long length)
     {
         if (length <= 0 || _chain.Head is not { } head) return;
         Register(RangeChangeId(offset, length), offset, length);
-        if (TryGetStore(head.DiskId) is not { } store) return;   // a head this filter never wrote has no CRCs to forget
-        lock (_written) _written.Add(store);
+        // Opened if need be: the head's file may hold CRCs from an earlier run.
+        var store = TryGetStore(head.DiskId) ?? await OpenStoreAsync(head.DiskId);
+        Written(store);
         // The region's bit is durable before the change goes down: after a crash its CRCs are forgotten, never trusted.
         await store.BeginWriteAsync(offset, length);
         _changing[(offset, length, store)] = 0;
@@ -329,6 +336,16 @@ public sealed class ChecksumFilter : IIoFilter, IRangeChangeListener, IAsyncDisp
         return store;
     }
 
+    /// <summary>Notes that this filter sets bits in <paramref name="store"/>; after the first time, a read of an array.</summary>
+    private void Written(ChecksumStore store)
+    {
+        if (Array.IndexOf(Volatile.Read(ref _written), store) >= 0) return;
+        lock (_lock)
+        {
+            if (Array.IndexOf(_written, store) < 0) Volatile.Write(ref _written, [.. _written, store]);
+        }
+    }
+
     /// <summary>The store of a layer (opening it if needed): tests and tools inspect it.</summary>
     public Task<ChecksumStore> StoreOfAsync(Guid diskId) => OpenStoreAsync(diskId);
 
@@ -360,8 +377,7 @@ public sealed class ChecksumFilter : IIoFilter, IRangeChangeListener, IAsyncDisp
     /// </summary>
     public async Task CheckpointAsync()
     {
-        ChecksumStore[] stores;
-        lock (_written) stores = [.. _written];
+        var stores = Volatile.Read(ref _written);
         var marks = new ChecksumStore.Marks[stores.Length];
         bool any = false;
         for (int i = 0; i < stores.Length; i++) any |= !(marks[i] = stores[i].Mark()).IsEmpty;
