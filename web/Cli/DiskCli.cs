@@ -34,36 +34,14 @@ public static class DiskCli
 
     public static async Task<int> RunAsync(IReadOnlyList<string> args, TextWriter stdout, TextWriter stderr)
     {
-        string url = Environment.GetEnvironmentVariable("ISCSISNAP_URL") ?? "http://127.0.0.1:8080";
-        var positional = new List<string>();
-        var flags = new Dictionary<string, string?>(StringComparer.Ordinal);
-        for (int i = 0; i < args.Count; i++)
+        var arguments = CliArguments.Parse(args, ["--size", "--block-size", "--sector-size", "--format", "--snapshot"], ["--force", "--wait"], out var error);
+        if (arguments is null) return UsageError(stderr, error!);
+        if (arguments.Help)
         {
-            string arg = args[i];
-            if (arg is "-h" or "--help")
-            {
-                stdout.WriteLine(Usage);
-                return 0;
-            }
-            if (arg is "--force" or "--wait")
-            {
-                flags[arg] = null;
-                continue;
-            }
-            if (arg.StartsWith("--", StringComparison.Ordinal))
-            {
-                int eq = arg.IndexOf('=');
-                string name = eq > 0 ? arg[..eq] : arg;
-                if (name is not ("--web" or "--size" or "--block-size" or "--sector-size" or "--format" or "--snapshot"))
-                    return UsageError(stderr, $"unknown option '{arg}'");
-                string? value = eq > 0 ? arg[(eq + 1)..] : i + 1 < args.Count ? args[++i] : null;
-                if (value is null) return UsageError(stderr, $"{name} needs a value");
-                flags[name] = value;
-                continue;
-            }
-            positional.Add(arg);
+            stdout.WriteLine(Usage);
+            return 0;
         }
-        if (flags.TryGetValue("--web", out var web)) url = web!;
+        var (positional, flags, url) = (arguments.Positional, arguments.Options, arguments.Url);
         if (positional.Count == 0) return UsageError(stderr, "a command is required");
         if (!Uri.TryCreate(url, UriKind.Absolute, out var baseUri)) return UsageError(stderr, $"--web '{url}' is not a URL");
 

@@ -25,30 +25,14 @@ public static class FilterCli
 
     public static async Task<int> RunAsync(IReadOnlyList<string> args, TextWriter stdout, TextWriter stderr)
     {
-        string url = Environment.GetEnvironmentVariable("ISCSISNAP_URL") ?? "http://127.0.0.1:8080";
-        var positional = new List<string>();
-        var flags = new Dictionary<string, string>(StringComparer.Ordinal);
-        for (int i = 0; i < args.Count; i++)
+        var arguments = CliArguments.Parse(args, ["--position", "--limit"], [], out var error);
+        if (arguments is null) return UsageError(stderr, error!);
+        if (arguments.Help)
         {
-            string arg = args[i];
-            if (arg is "-h" or "--help")
-            {
-                stdout.WriteLine(Usage);
-                return 0;
-            }
-            if (arg.StartsWith("--", StringComparison.Ordinal))
-            {
-                int eq = arg.IndexOf('=');
-                string name = eq > 0 ? arg[..eq] : arg;
-                if (name is not ("--web" or "--position" or "--limit")) return UsageError(stderr, $"unknown option '{arg}'");
-                string? value = eq > 0 ? arg[(eq + 1)..] : i + 1 < args.Count ? args[++i] : null;
-                if (value is null) return UsageError(stderr, $"{name} needs a value");
-                flags[name] = value;
-                continue;
-            }
-            positional.Add(arg);
+            stdout.WriteLine(Usage);
+            return 0;
         }
-        if (flags.TryGetValue("--web", out var web)) url = web;
+        var (positional, flags, url) = (arguments.Positional, arguments.Options, arguments.Url);
         if (positional.Count < 3) return UsageError(stderr, "a command, a target and a LUN are required");
         if (!Uri.TryCreate(url, UriKind.Absolute, out var baseUri)) return UsageError(stderr, $"--web '{url}' is not a URL");
         if (!int.TryParse(positional[2], NumberStyles.None, CultureInfo.InvariantCulture, out int lun)) return UsageError(stderr, $"LUN '{positional[2]}' is not a number");
@@ -68,7 +52,7 @@ public static class FilterCli
                 {
                     var body = Settings(rest.Skip(1));
                     body["type"] = rest[0];
-                    if (flags.TryGetValue("--position", out var position)) body["position"] = Number(position, "--position");
+                    if (flags.TryGetValue("--position", out var position)) body["position"] = Number(position!, "--position");
                     return await client.PrintAsync(HttpMethod.Post, filters, body, null);
                 }
                 case "qos" when rest.Count >= 1:
@@ -79,7 +63,7 @@ public static class FilterCli
                     return await client.PrintAsync(HttpMethod.Delete, $"{filters}/{Uri.EscapeDataString(rest[0])}", null, null);
                 case "trace" when rest.Count == 0:
                 {
-                    string limit = flags.TryGetValue("--limit", out var l) ? $"?limit={Number(l, "--limit")}" : "";
+                    string limit = flags.TryGetValue("--limit", out var l) ? $"?limit={Number(l!, "--limit")}" : "";
                     return await client.PrintAsync(HttpMethod.Get, $"/api/v1/targets/{Uri.EscapeDataString(positional[1])}/luns/{lun}/trace{limit}", null, PrintTrace);
                 }
                 default:
