@@ -114,8 +114,7 @@ public sealed class KernelContext : IDisposable
                     done.SetException(e);
                     return;
                 }
-                if (task.IsCompletedSuccessfully) Complete(done, task);
-                else task.ContinueWith(static (t, d) => Complete((TaskCompletionSource<T>)d!, t), done, TaskContinuationOptions.ExecuteSynchronously);
+                CompleteWhenDone(task, done);
             }, (this, request, completion));
             return completion.Task;
         }
@@ -124,8 +123,14 @@ public sealed class KernelContext : IDisposable
         public static Task<T> CompleteOnWorker<T>(Task<T> task)
         {
             var completion = new TaskCompletionSource<T>();
-            task.ContinueWith(static (t, d) => Complete((TaskCompletionSource<T>)d!, t), completion, TaskContinuationOptions.ExecuteSynchronously);
+            CompleteWhenDone(task, completion);
             return completion.Task;
+        }
+
+        private static void CompleteWhenDone<T>(Task<T> task, TaskCompletionSource<T> done)
+        {
+            if (task.IsCompleted) Complete(done, task);
+            else task.ContinueWith(static (t, d) => Complete((TaskCompletionSource<T>)d!, t), done, TaskContinuationOptions.ExecuteSynchronously);
         }
 
         /// <summary>
