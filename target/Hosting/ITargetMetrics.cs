@@ -20,6 +20,8 @@ public interface ITargetMetrics
     void SessionClosed();
     void ProtocolError(string kind);
     void TaskManagement(string function);
+    /// <summary>A connection ended: graceful, graceful-timeout (the initiator did not close in time), reset, by-initiator.</summary>
+    void ConnectionClosed(string how);
 }
 
 /// <summary>Metrics sink that records nothing (tests, benchmarks).</summary>
@@ -32,4 +34,5 @@ public sealed class NullTargetMetrics : ITargetMetrics
     public void SessionClosed() { }
     public void ProtocolError(string kind) { }
     public void TaskManagement(string function) { }
+    public void ConnectionClosed(string how) { }
 }

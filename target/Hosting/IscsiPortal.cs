@@ -59,6 +59,8 @@ public sealed class IscsiPortal : IAsyncDisposable
     internal SessionManager Sessions { get; }
     internal ChallengeReplayCache ChallengeReplays { get; } = new();
     internal ushort RelativeTargetPortId => 1;
+    /// <summary>Connections whose socket is still held (in login, full feature, or waiting for the initiator to close).</summary>
+    public int ConnectionCount => _connections.Count;
     /// <summary>Where the portal listens once started (the real port when 0 was asked for).</summary>
     public IPEndPoint? LocalEndPoint { get; private set; }
 
@@ -181,18 +183,18 @@ public sealed class IscsiPortal : IAsyncDisposable
     /// <summary>Session reinstatement: the old session's connections are dropped and its end is awaited.</summary>
     internal async Task TerminateSessionAsync(IscsiSession session, string reason)
     {
-        foreach (var connection in session.Connections) connection.Abort();
+        foreach (var connection in session.Connections) connection.Drop(IscsiConnection.AsyncEventDropSession, reason);
         await WaitForTasksAsync(() => !session.Ended, TimeSpan.FromSeconds(10)).ConfigureAwait(false);
         await EndSessionAsync(session, reason).ConfigureAwait(false);
         await WaitForTasksAsync(() => session.ActiveTasks().Any(t => t.Phase == TaskPhase.Executing), TimeSpan.FromSeconds(30)).ConfigureAwait(false);
     }
 
-    internal async Task DropTargetConnectionsAsync(IscsiTarget target)
+    /// <summary>Every connection of <paramref name="target"/> is told (Async Message) and closed gracefully.</summary>
+    internal void DropTargetConnections(IscsiTarget target, string reason)
     {
         foreach (var session in Sessions.Sessions.Where(s => s.Target == target))
             foreach (var connection in session.Connections)
-                connection.Abort();
-        await Task.CompletedTask.ConfigureAwait(false);
+                connection.Drop(IscsiConnection.AsyncEventDropSession, reason);
     }
 
     // ---------------------------------------------------------------- task management across sessions
@@ -292,8 +294,11 @@ public sealed class IscsiPortal : IAsyncDisposable
         while (!_connections.IsEmpty && DateTime.UtcNow < deadline)
             await Task.Delay(20).ConfigureAwait(false);
 
-        foreach (var (connection, _) in _connections.Values) connection.Abort();
+        // Those still here are told and closed gracefully; whoever does not close its side in time is reset.
+        foreach (var (connection, _) in _connections.Values) connection.Drop(IscsiConnection.AsyncEventDropSession, "the portal is stopping");
         var runs = _connections.Values.Select(c => c.Run).ToArray();
+        await Task.WhenAny(Task.WhenAll(runs), Task.Delay(Options.CloseWaitMilliseconds)).ConfigureAwait(false);
+        foreach (var (connection, _) in _connections.Values) connection.Abort();
         await Task.WhenAny(Task.WhenAll(runs), Task.Delay(TimeSpan.FromSeconds(10))).ConfigureAwait(false);
         // Commands still executing finish on their own; give them a moment before storage is closed.
         await WaitForTasksAsync(() => Sessions.Sessions.Any(s => s.ActiveTaskCount > 0), TimeSpan.FromSeconds(10)).ConfigureAwait(false);

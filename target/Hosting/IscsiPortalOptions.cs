@@ -52,6 +52,8 @@ public sealed class IscsiPortalOptions
     public int NopInIntervalSeconds { get; set; } = 15;
     public int NopInTimeoutSeconds { get; set; } = 30;
     public int LoginTimeoutSeconds { get; set; } = 15;
+    /// <summary>How long a connection the target closes after a final PDU waits for the initiator to close its side.</summary>
+    public int CloseWaitMilliseconds { get; set; } = 5000;
     public int MaxSessions { get; set; } = 256;
     /// <summary>Largest single READ/WRITE transfer (VPD B0 MAXIMUM TRANSFER LENGTH), bytes.</summary>
     public int MaxTransferBytes { get; set; } = 32 << 20;
@@ -82,6 +84,7 @@ public sealed class IscsiPortalOptions
         CheckRange(errors, $"{prefix}.nopInIntervalSeconds", NopInIntervalSeconds, 0, 3600);
         CheckRange(errors, $"{prefix}.nopInTimeoutSeconds", NopInTimeoutSeconds, 1, 3600);
         CheckRange(errors, $"{prefix}.loginTimeoutSeconds", LoginTimeoutSeconds, 1, 3600);
+        CheckRange(errors, $"{prefix}.closeWaitMilliseconds", CloseWaitMilliseconds, 10, 60000);
         CheckRange(errors, $"{prefix}.maxSessions", MaxSessions, 1, 65535);
         CheckRange(errors, $"{prefix}.maxTransferBytes", MaxTransferBytes, 65536, 32 << 20);
         if (MaxTransferBytes % 4096 != 0) errors.Add($"{prefix}.maxTransferBytes must be a multiple of 4096");

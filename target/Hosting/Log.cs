@@ -17,8 +17,8 @@ internal static partial class Log
     [LoggerMessage(1004, LogLevel.Debug, "connection from {Remote}")]
     public static partial void ConnectionAccepted(ILogger logger, string remote);
 
-    [LoggerMessage(1005, LogLevel.Debug, "connection {Remote} closed: {Reason}")]
-    public static partial void ConnectionClosed(ILogger logger, string remote, string reason);
+    [LoggerMessage(1005, LogLevel.Debug, "connection {Remote} closed ({How}): {Reason}")]
+    public static partial void ConnectionClosed(ILogger logger, string remote, string reason, string how);
 
     [LoggerMessage(1006, LogLevel.Information, "connection {Remote} failed: {Reason}")]
     public static partial void ConnectionFailed(ILogger logger, string remote, string reason);
@@ -34,6 +34,9 @@ internal static partial class Log
 
     [LoggerMessage(1010, LogLevel.Warning, "timer failed for connection {Remote}")]
     public static partial void TimerFailed(ILogger logger, Exception exception, string remote);
+
+    [LoggerMessage(1011, LogLevel.Information, "dropping connection {Remote}: {Reason}")]
+    public static partial void Dropping(ILogger logger, string remote, string reason);
 
     [LoggerMessage(1101, LogLevel.Information, "login from {Remote}: {Initiator} -> {Target}, TSIH {Tsih}, header digest {HeaderDigest}, data digest {DataDigest}, auth {Auth}")]
     public static partial void LoginSucceeded(ILogger logger, string remote, string initiator, string target, ushort tsih, bool headerDigest, bool dataDigest, string auth);

@@ -22,6 +22,7 @@ public static class SocketAllocationReport
         public void SessionClosed() { }
         public void ProtocolError(string kind) { }
         public void TaskManagement(string function) { }
+        public void ConnectionClosed(string how) { }
     }
 
     public static int Run(ReadOnlySpan<string> args)

@@ -19,6 +19,7 @@ public sealed class PrometheusTargetMetrics : ITargetMetrics
     private readonly Gauge _sessions;
     private readonly Counter _protocolErrors;
     private readonly Counter _taskManagement;
+    private readonly Counter _connectionsClosed;
 
     public PrometheusTargetMetrics(IMetricFactory factory)
     {
@@ -38,6 +39,8 @@ public sealed class PrometheusTargetMetrics : ITargetMetrics
         _sessions = factory.CreateGauge("iscsisnap_iscsi_sessions", "iSCSI sessions currently logged in.");
         _protocolErrors = factory.CreateCounter("iscsisnap_iscsi_protocol_errors_total", "iSCSI protocol errors by kind.", ["kind"]);
         _taskManagement = factory.CreateCounter("iscsisnap_iscsi_task_management_total", "Task management functions received.", ["function"]);
+        _connectionsClosed = factory.CreateCounter("iscsisnap_iscsi_connections_closed_total",
+            "iSCSI connections ended, by how: graceful (final PDU, FIN, the initiator closed), graceful-timeout (the initiator did not close in time), reset (protocol violation or dead peer), by-initiator.", ["how"]);
     }
 
     public void CommandCompleted(CommandKind kind, long bytes, double seconds, bool failed)
@@ -54,4 +57,5 @@ public sealed class PrometheusTargetMetrics : ITargetMetrics
     public void SessionClosed() => _sessions.Dec();
     public void ProtocolError(string kind) => _protocolErrors.WithLabels(kind).Inc();
     public void TaskManagement(string function) => _taskManagement.WithLabels(function).Inc();
+    public void ConnectionClosed(string how) => _connectionsClosed.WithLabels(how).Inc();
 }

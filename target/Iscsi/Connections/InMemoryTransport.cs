@@ -28,16 +28,23 @@ public sealed class InMemoryTransport : IIscsiTransport
         await _toInitiator.Writer.FlushAsync().ConfigureAwait(false);
     }
 
+    public void ShutdownSend() => _toInitiator.Writer.Complete();
+
+    /// <summary>The initiator's reads fail, as a TCP reset makes them.</summary>
     public void Abort()
     {
         if (Interlocked.Exchange(ref _aborted, 1) != 0) return;
         _toTarget.Reader.CancelPendingRead();
-        _toInitiator.Writer.Complete();
+        _toInitiator.Writer.Complete(new IOException("connection reset by the target"));
     }
 
     public ValueTask DisposeAsync()
     {
-        Abort();
+        if (Interlocked.Exchange(ref _aborted, 1) == 0)
+        {
+            _toTarget.Reader.CancelPendingRead();
+            _toInitiator.Writer.Complete();
+        }
         return ValueTask.CompletedTask;
     }
 }

@@ -240,7 +240,7 @@ internal sealed partial class IscsiConnection
                 }
                 else if (session.Connections.FirstOrDefault(c => c.Cid == cid) is { } other)
                 {
-                    other.Abort();
+                    other.Drop(AsyncEventDropConnection, $"logged out by connection {Cid}");
                     response = 0;
                 }
                 else response = 1;   // CID not found
@@ -259,11 +259,10 @@ internal sealed partial class IscsiConnection
         HeaderWriter.U16(item.Header, 42, 0);   // Time2Retain
         if (closeThis)
         {
-            item.AfterSend = static (c, _) => c.Abort();
-            _state = ConnectionState.Closing;
             Log.LoggedOut(_log, Remote, session.InitiatorName, reason);
+            CloseAfter(item, "logout");
         }
-        Enqueue(item);
+        else Enqueue(item);
     }
 
     // ---------------------------------------------------------------- task management
@@ -341,9 +340,10 @@ internal sealed partial class IscsiConnection
         HeaderWriter.U32(item.Header, 16, h.InitiatorTaskTag);
         if (dropAllAfterwards)
         {
-            // TARGET COLD RESET: answer first, then every connection of the target goes away.
-            item.AfterSend = (c, sent) => { _ = c._portal.DropTargetConnectionsAsync(target); };
+            // TARGET COLD RESET: this connection ends after its answer, every other one of the target after an Async Message.
+            CloseAfter(item, "target cold reset");
+            _portal.DropTargetConnections(target, "target cold reset");
         }
-        Enqueue(item);
+        else Enqueue(item);
     }
 }

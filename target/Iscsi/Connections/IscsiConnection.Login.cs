@@ -323,7 +323,7 @@ internal sealed partial class IscsiConnection
         {
             // Connection reinstatement: the old connection with this CID goes away first.
             foreach (var old in existing.Connections.Where(c => c.Cid == login.Cid))
-                old.Abort();
+                old.Drop(AsyncEventDropConnection, "reinstated by a new login");
             session = existing;
             Parameters = MergeConnectionParameters(existing.Parameters, login.Parameters);
         }
@@ -385,10 +385,7 @@ internal sealed partial class IscsiConnection
         var login = _login!;
         Log.LoginFailed(_log, Remote, login.InitiatorName ?? "?", status, reason);
         _portal.Metrics.LoginAttempt(false, StatusName(status));
-        var item = BuildLoginResponse(login, transit: false, login.Stage, login.Stage, status, null);
-        item.AfterSend = static (c, _) => c.Abort();
-        _state = ConnectionState.Closing;
-        Enqueue(item);
+        CloseAfter(BuildLoginResponse(login, transit: false, login.Stage, login.Stage, status, null), "login refused");
         return default;
     }
 

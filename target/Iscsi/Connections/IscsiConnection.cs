@@ -32,13 +32,16 @@ internal sealed partial class IscsiConnection
     private readonly SendBatch _batch = new();
     private readonly CancellationTokenSource _lifetime = new();
     private OutboundItem? _partial;
-    private int _senderActive;
+    private int _sender;   // SenderIdle, SenderActive or SenderRetired
     private bool _digestsOn;   // owned by the send loop
     private uint _statSN;
     private FramingLimits _limits;
     private volatile ConnectionState _state = ConnectionState.Login;
     private long _lastReceiveTicks = Environment.TickCount64;
     private int _closeStarted;
+    private int _closeMode;   // CloseMode: who ends the connection, and how
+    private TaskCompletionSource? _finalSent;
+    private string _closeReason = "the initiator ended the connection";
     private bool _loginTimerArmed = true;   // owned by the receive loop
     private long _outboundBytes;
     private TaskCompletionSource? _drainWaiter;
@@ -49,6 +52,18 @@ internal sealed partial class IscsiConnection
     /// answers gets TCP backpressure instead of growing the target's memory, and is dropped by the NOP-In timeout.
     /// </summary>
     internal const long OutboundHighWater = 4 << 20, OutboundLowWater = 1 << 20;
+
+    private const int SenderIdle = 0, SenderActive = 1, SenderRetired = 2;
+
+    private enum CloseMode
+    {
+        /// <summary>Not closing, or the peer ended the stream (or broke it) first.</summary>
+        None,
+        /// <summary>The target closes after a final PDU: FIN, then the peer's FIN or the close wait.</summary>
+        Graceful,
+        /// <summary>A reset: protocol violations and dead peers.</summary>
+        Abortive,
+    }
 
     public IscsiConnection(IscsiPortal portal, IIscsiTransport transport, ILogger log, long id)
     {
@@ -132,10 +147,11 @@ internal sealed partial class IscsiConnection
         catch (Exception e)
         {
             Log.ConnectionCrashed(_log, e, Remote);
+            Abort();
         }
         finally
         {
-            await CloseAsync("receive loop ended").ConfigureAwait(false);
+            await CloseAsync().ConfigureAwait(false);
         }
     }
 
@@ -239,10 +255,7 @@ internal sealed partial class IscsiConnection
         if (_state == ConnectionState.FullFeature && !fault.StartsWith("header digest", StringComparison.Ordinal))
         {
             // The header itself is sound: tell the initiator why before closing.
-            var reject = BuildReject(header, RejectReason.ProtocolError);
-            reject.AfterSend = static (c, _) => c.Abort();
-            Enqueue(reject);
-            _state = ConnectionState.Closing;
+            CloseAfter(BuildReject(header, RejectReason.ProtocolError), "framing error");
         }
         else
         {
@@ -278,13 +291,15 @@ internal sealed partial class IscsiConnection
         }
         Interlocked.Add(ref _outboundBytes, item.QueuedBytes);
         _outbound.Enqueue(item);
-        if (kick) KickSender();
+        // Once no send loop can run again (closed, or retired after the final PDU), what is queued is released here.
+        if (Volatile.Read(ref _sender) == SenderRetired || _state == ConnectionState.Closed) ReleaseQueued();
+        else if (kick) KickSender();
     }
 
     public void KickSender()
     {
         if (_outbound.IsEmpty && _partial is null) return;
-        if (Interlocked.CompareExchange(ref _senderActive, 1, 0) == 0)
+        if (Interlocked.CompareExchange(ref _sender, SenderActive, SenderIdle) == SenderIdle)
             _ = SendLoopAsync();
     }
 
@@ -299,15 +314,15 @@ internal sealed partial class IscsiConnection
                 batch.Reset();
                 batch.HeaderDigest = _digestsOn && Parameters.HeaderDigest;
                 batch.DataDigest = _digestsOn && Parameters.DataDigest;
-                FillBatch(batch);
-                if (batch.IsEmpty)
+                bool final = FillBatch(batch);
+                if (batch.IsEmpty && !final)
                 {
-                    Volatile.Write(ref _senderActive, 0);
-                    if ((_outbound.IsEmpty && _partial is null) || Interlocked.CompareExchange(ref _senderActive, 1, 0) != 0)
+                    Volatile.Write(ref _sender, SenderIdle);
+                    if ((_outbound.IsEmpty && _partial is null) || Interlocked.CompareExchange(ref _sender, SenderActive, SenderIdle) != SenderIdle)
                         return;
                     continue;
                 }
-                await _transport.SendAsync(batch.Segments).ConfigureAwait(false);
+                if (!batch.IsEmpty) await _transport.SendAsync(batch.Segments).ConfigureAwait(false);
                 long sentBytes = 0;
                 foreach (var item in batch.Finished)
                 {
@@ -316,6 +331,14 @@ internal sealed partial class IscsiConnection
                 }
                 if (Interlocked.Add(ref _outboundBytes, -sentBytes) <= OutboundLowWater)
                     Volatile.Read(ref _drainWaiter)?.TrySetResult();
+                if (final)
+                {
+                    // The final PDU is with the transport: the peer reads it, then the end of the stream. Nothing after it goes out.
+                    _transport.ShutdownSend();
+                    Retire();
+                    _finalSent?.TrySetResult();
+                    return;
+                }
             }
         }
         catch (Exception e)
@@ -324,36 +347,55 @@ internal sealed partial class IscsiConnection
             Abort();
             // Nothing more will be sent: release everything queued (task slots, buffers) before letting go.
             foreach (var item in batch.Finished) item.OnSent(this, false);
-            if (_partial is { } partial) { _partial = null; partial.OnSent(this, false); }
-            while (_outbound.TryDequeue(out var item)) item.OnSent(this, false);
-            Volatile.Write(ref _senderActive, 0);
-            while (_outbound.TryDequeue(out var late)) late.OnSent(this, false);
+            Retire();
         }
     }
 
-    private void FillBatch(SendBatch batch)
+    /// <summary>The send loop stops for good; it releases its own partial item and whatever is queued.</summary>
+    private void Retire()
+    {
+        if (_partial is { } partial) { _partial = null; partial.OnSent(this, false); }
+        Interlocked.Exchange(ref _sender, SenderRetired);   // a full fence: an Enqueue either sees it or is drained below
+        ReleaseQueued();
+    }
+
+    /// <summary>
+    /// Releases what is queued (task slots, buffers) once no send loop can run again: the sender is retired, or idle
+    /// and retired here (then its partial item is ours too).
+    /// </summary>
+    private void ReleaseQueued()
+    {
+        int was = Interlocked.CompareExchange(ref _sender, SenderRetired, SenderIdle);
+        if (was == SenderActive) return;   // the running loop releases everything when it retires or fails
+        if (was == SenderIdle && _partial is { } partial) { _partial = null; partial.OnSent(this, false); }
+        while (_outbound.TryDequeue(out var item)) item.OnSent(this, false);
+    }
+
+    /// <summary>Fills <paramref name="batch"/> from the queue; true when it ends with the connection's final PDU.</summary>
+    private bool FillBatch(SendBatch batch)
     {
         while (true)
         {
             var item = _partial;
-            if (item is null && !_outbound.TryDequeue(out item)) return;
+            if (item is null && !_outbound.TryDequeue(out item)) return false;
             _partial = null;
             // Login responses go out before digests switch on; the transition is stamped on the item itself.
             if (item is ControlPduItem { ChangesFraming: true } && !batch.IsEmpty)
             {
                 _partial = item;
-                return;
+                return false;
             }
             if (!item.Emit(batch, this))
             {
                 _partial = item;
-                return;
+                return false;
             }
             batch.Finished.Add(item);
+            if (item.EndsConnection) return true;
             if (item is ControlPduItem { ChangesFraming: true })
             {
                 _digestsOn = true;   // every PDU after the final login response carries the negotiated digests
-                return;
+                return false;
             }
         }
     }
@@ -376,32 +418,128 @@ internal sealed partial class IscsiConnection
         Enqueue(BuildReject(header, reason), kick);
     }
 
-    /// <summary>Drops the transport at once; the receive loop then runs the orderly cleanup.</summary>
+    /// <summary>
+    /// A close the target starts, in order: <paramref name="final"/> goes out after everything queued before it (PDUs
+    /// queued after it are dropped), then the send side is shut down (FIN), and the socket is let go when the
+    /// initiator closes its side or the close wait passes. The session's state is cleaned up at once either way.
+    /// A connection already closing keeps its first close. Thread-safe.
+    /// </summary>
+    internal void CloseAfter(OutboundItem final, string reason)
+    {
+        final.EndsConnection = true;
+        // The first close wins; its completion is published before the mode, so whoever sees Graceful finds it.
+        var sent = new TaskCompletionSource(TaskCreationOptions.RunContinuationsAsynchronously);
+        if (Volatile.Read(ref _closeStarted) != 0
+            || Interlocked.CompareExchange(ref _finalSent, sent, null) is not null
+            || Interlocked.CompareExchange(ref _closeMode, (int)CloseMode.Graceful, (int)CloseMode.None) != (int)CloseMode.None)
+        {
+            final.OnSent(this, false);
+            return;
+        }
+        _closeReason = reason;
+        if (_state < ConnectionState.Closing) _state = ConnectionState.Closing;
+        Enqueue(final);
+        // Wake the receive loop when another thread closes the connection, waiting for input or for the backlog to drain.
+        _transport.Input.CancelPendingRead();
+        Volatile.Read(ref _drainWaiter)?.TrySetResult();
+    }
+
+    /// <summary>
+    /// The target drops the connection on its own (shutdown, reinstatement, a cold reset): in full feature phase an
+    /// Async Message says so first (<paramref name="asyncEvent"/> 2: this connection, 3: every connection of the
+    /// session), then it closes gracefully. Thread-safe.
+    /// </summary>
+    internal void Drop(byte asyncEvent, string reason)
+    {
+        OutboundItem final = new EndOfStreamItem();
+        if (_state == ConnectionState.FullFeature && Session?.Type == SessionType.Normal)
+        {
+            var notice = new ControlPduItem(Opcode.AsyncMessage);
+            HeaderWriter.U32(notice.Header, 16, 0xFFFFFFFF);
+            notice.Header[36] = asyncEvent;
+            if (asyncEvent == AsyncEventDropConnection) HeaderWriter.U16(notice.Header, 38, Cid);   // Parameter1: the CID
+            HeaderWriter.U16(notice.Header, 40, (ushort)_portal.Options.DefaultTime2Wait);         // Parameter2: Time2Wait
+            HeaderWriter.U16(notice.Header, 42, (ushort)_portal.Options.DefaultTime2Retain);       // Parameter3: Time2Retain
+            final = notice;
+        }
+        Log.Dropping(_log, Remote, reason);
+        CloseAfter(final, reason);
+    }
+
+    /// <summary>RFC 7143 §11.9.1 AsyncEvent codes for <see cref="Drop"/>.</summary>
+    internal const byte AsyncEventDropConnection = 2, AsyncEventDropSession = 3;
+
+    /// <summary>An abortive close (reset), for protocol violations and dead peers; the receive loop then cleans up.</summary>
     public void Abort()
     {
+        if (Interlocked.Exchange(ref _closeMode, (int)CloseMode.Abortive) != (int)CloseMode.Abortive) _closeReason = "reset by the target";
         if (_state < ConnectionState.Closing) _state = ConnectionState.Closing;
         _lifetime.Cancel();
         _transport.Abort();
     }
 
-    private async Task CloseAsync(string reason)
+    private async Task CloseAsync()
     {
         if (Interlocked.Exchange(ref _closeStarted, 1) != 0) return;
-        _state = ConnectionState.Closing;
-        _lifetime.Cancel();
-        _transport.Abort();
+        if (_state < ConnectionState.Closing) _state = ConnectionState.Closing;
+        var mode = (CloseMode)Volatile.Read(ref _closeMode);
+        if (mode != CloseMode.Graceful)
+        {
+            // The peer ended the stream, broke it, or the connection was aborted: a send loop still running fails
+            // once the transport is disposed below, and releases what it holds.
+            _lifetime.Cancel();
+        }
+        // The session lets go of this connection first: a reinstating login never waits for the linger below.
         if (Session is { } session)
             await _portal.OnConnectionClosedAsync(this, session).ConfigureAwait(false);
-        _state = ConnectionState.Closed;
-        // Whatever is still queued will never be sent: release it.
-        if (Interlocked.CompareExchange(ref _senderActive, 1, 0) == 0)
+        bool finalSent = false, peerClosed = false;
+        if (mode == CloseMode.Graceful)
         {
-            if (_partial is { } partial) { _partial = null; partial.OnSent(this, false); }
-            while (_outbound.TryDequeue(out var item)) item.OnSent(this, false);
+            (finalSent, peerClosed) = await LingerAsync().ConfigureAwait(false);
+            if (!finalSent) _transport.Abort();   // the initiator did not take the final PDU in time: a dead peer
+            _lifetime.Cancel();
         }
+        string how = mode == CloseMode.None ? "by-initiator"
+            : mode == CloseMode.Abortive || !finalSent || Volatile.Read(ref _closeMode) == (int)CloseMode.Abortive ? "reset"
+            : peerClosed ? "graceful" : "graceful-timeout";
+        _state = ConnectionState.Closed;
+        ReleaseQueued();
         await _transport.DisposeAsync().ConfigureAwait(false);
         _portal.OnConnectionEnded(this);
-        Log.ConnectionClosed(_log, Remote, reason);
+        _portal.Metrics.ConnectionClosed(how);
+        Log.ConnectionClosed(_log, Remote, _closeReason, how);
+    }
+
+    /// <summary>
+    /// A graceful close's wait: the final PDU goes out (the send loop then shuts the send side down), and what the
+    /// initiator still sends is read and dropped until it closes its side, all within the close wait.
+    /// </summary>
+    private async Task<(bool FinalSent, bool PeerClosed)> LingerAsync()
+    {
+        var finalSent = _finalSent!.Task;
+        bool peerClosed = false;
+        var input = _transport.Input;
+        using var bound = CancellationTokenSource.CreateLinkedTokenSource(_lifetime.Token);
+        bound.CancelAfter(_portal.Options.CloseWaitMilliseconds);
+        try
+        {
+            while (true)
+            {
+                var result = await input.ReadAsync(bound.Token).ConfigureAwait(false);
+                input.AdvanceTo(result.Buffer.End);
+                if (result.IsCompleted)
+                {
+                    peerClosed = true;
+                    break;
+                }
+                if (result.IsCanceled && Volatile.Read(ref _closeMode) == (int)CloseMode.Abortive) break;
+                // Otherwise a stale wake-up (CloseAfter's): keep reading.
+            }
+            await finalSent.WaitAsync(bound.Token).ConfigureAwait(false);
+        }
+        catch (OperationCanceledException) { }
+        catch (Exception e) when (e is not OutOfMemoryException) { /* the stream broke: the peer is gone */ }
+        return (finalSent.IsCompletedSuccessfully, peerClosed);
     }
 
     public bool IdleLongerThan(TimeSpan span) => Environment.TickCount64 - Volatile.Read(ref _lastReceiveTicks) > span.TotalMilliseconds;

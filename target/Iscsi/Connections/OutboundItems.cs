@@ -21,6 +21,17 @@ internal abstract class OutboundItem
     /// copied. Data-In lives in the command's buffer, charged to the I/O memory budget instead. Constant while queued.
     /// </summary>
     public virtual int QueuedBytes => Bhs.Size;
+
+    /// <summary>The connection's final PDU: the send side is shut down after it and nothing queued later goes out.</summary>
+    public bool EndsConnection { get; set; }
+}
+
+/// <summary>Ends a connection's stream without a PDU (a connection dropped before its login completed).</summary>
+internal sealed class EndOfStreamItem : OutboundItem
+{
+    public override bool Emit(SendBatch batch, IscsiConnection connection) => true;
+    public override void OnSent(IscsiConnection connection, bool sent) { }
+    public override int QueuedBytes => 0;
 }
 
 /// <summary>Data-In PDUs (status collapsed into the last when possible) and/or the SCSI Response of one task.</summary>
@@ -189,8 +200,6 @@ internal sealed class ControlPduItem : OutboundItem
     public bool AdvancesStatSN = true;
     /// <summary>Stamp StatSN without advancing it (NOP-In pings, Async messages carry the next StatSN).</summary>
     public bool StampsStatSN = true;
-    /// <summary>Runs after the PDU was handed to the transport (close after Logout response, say).</summary>
-    public Action<IscsiConnection, bool>? AfterSend;
     /// <summary>The final login response: PDUs after it use the negotiated digests.</summary>
     public bool ChangesFraming;
 
@@ -227,7 +236,7 @@ internal sealed class ControlPduItem : OutboundItem
         return true;
     }
 
-    public override void OnSent(IscsiConnection connection, bool sent) => AfterSend?.Invoke(connection, sent);
+    public override void OnSent(IscsiConnection connection, bool sent) { }
 
     public override int QueuedBytes => Bhs.Size + DataLength;
 }

@@ -179,17 +179,32 @@ public sealed partial class SocketTransport : IIscsiTransport
         public static partial nint SendMessage(int fd, MessageHeader* message, int flags);
     }
 
+    public void ShutdownSend()
+    {
+        if (Volatile.Read(ref _aborted) != 0) return;
+        // FIN goes out after the bytes already queued in the kernel; the receive loop goes on until the peer's FIN.
+        try { _socket.Shutdown(SocketShutdown.Send); } catch (SocketException) { } catch (ObjectDisposedException) { }
+    }
+
     public void Abort()
     {
         if (Interlocked.Exchange(ref _aborted, 1) != 0) return;
-        try { _socket.Shutdown(SocketShutdown.Both); } catch (SocketException) { } catch (ObjectDisposedException) { }
+        // SO_LINGER 0: close() resets the connection at once instead of leaving unsent data (for a peer that stopped
+        // reading) to the kernel for minutes.
+        try { _socket.LingerState = new LingerOption(true, 0); } catch (SocketException) { } catch (ObjectDisposedException) { }
         _socket.Close();
         _pipe.Reader.CancelPendingRead();
     }
 
     public async ValueTask DisposeAsync()
     {
-        Abort();
+        if (Interlocked.Exchange(ref _aborted, 1) == 0)
+        {
+            // After a graceful close the peer's FIN has ended the receive loop and close() only releases the socket.
+            // Otherwise the pending receive is unblocked first (a shutdown when ShutdownSend ran, else a reset).
+            _socket.Close();
+            _pipe.Reader.CancelPendingRead();
+        }
         try { await _receiving.ConfigureAwait(false); } catch { /* the loop reports through the pipe */ }
         _sender.Dispose();
     }

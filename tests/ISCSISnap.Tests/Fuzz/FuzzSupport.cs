@@ -169,6 +169,9 @@ internal sealed class RawConnection : IAsyncDisposable
     /// <summary>True once the target closed (or reset) the connection.</summary>
     public bool Closed => _reader.IsCompleted;
 
+    /// <summary>True when the connection ended with a reset (or another error) instead of the target's FIN.</summary>
+    public bool Reset { get; private set; }
+
     /// <summary>Sends everything; false when the target has already gone away.</summary>
     public async Task<bool> SendAsync(ReadOnlyMemory<byte> bytes)
     {
@@ -251,7 +254,11 @@ internal sealed class RawConnection : IAsyncDisposable
                 }
             }
         }
-        catch (Exception e) when (e is SocketException or ObjectDisposedException)
+        catch (SocketException)
+        {
+            Reset = true;
+        }
+        catch (ObjectDisposedException)
         {
         }
         _received.Writer.TryComplete();

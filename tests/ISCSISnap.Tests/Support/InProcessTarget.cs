@@ -33,14 +33,14 @@ public sealed class InProcessTarget : IAsyncDisposable
     public string Url(ulong lun = 0) => $"iscsi://127.0.0.1:{EndPoint.Port}/{TargetName}/{lun}";
 
     public static async Task<InProcessTarget> StartAsync(Action<IscsiPortalOptions>? configure = null, TargetAccess? access = null,
-        long lunBytes = 64L << 20, int blockSize = 512, ILoggerFactory? loggers = null)
+        long lunBytes = 64L << 20, int blockSize = 512, ILoggerFactory? loggers = null, ITargetMetrics? metrics = null)
     {
         var options = new IscsiPortalOptions { Portal = "127.0.0.1:0", HeaderDigests = ["None", "CRC32C"], DataDigests = ["None", "CRC32C"] };
         configure?.Invoke(options);
         var registry = new TargetRegistry();
         var target = new IscsiTarget(TargetName, "test target", access ?? TargetAccess.Open);
         registry.TryAdd(target);
-        var portal = new IscsiPortal(options, registry, loggers ?? NullLoggerFactory.Instance);
+        var portal = new IscsiPortal(options, registry, loggers ?? NullLoggerFactory.Instance, metrics);
         var result = new InProcessTarget(portal, registry, target);
         result.AddLun(0, lunBytes, blockSize);
         portal.Start();

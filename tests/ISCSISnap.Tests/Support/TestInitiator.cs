@@ -97,6 +97,13 @@ public sealed class TestInitiator : IAsyncDisposable
     public IReadOnlyDictionary<string, string> NegotiatedKeys { get; private set; } = new Dictionary<string, string>();
     /// <summary>Set when the target closed the connection.</summary>
     public bool Closed { get; private set; }
+    /// <summary>Set when the connection ended with an error (a TCP reset, say) instead of an orderly end of stream.</summary>
+    public bool Reset { get; private set; }
+    /// <summary>
+    /// When the target ends the stream, shut the send side down too, as initiators do when they tear the connection
+    /// down. Off: the socket stays half-open until disposed (to see how long the target waits).
+    /// </summary>
+    public bool CloseOnEndOfStream { get; set; } = true;
     /// <summary>Reply to target NOP-In pings automatically.</summary>
     public bool AnswerPings { get; set; } = true;
     public int PingsReceived;
@@ -580,6 +587,7 @@ public sealed class TestInitiator : IAsyncDisposable
             }
             catch (Exception e) when (e is IOException or ObjectDisposedException or SocketException)
             {
+                if (!_stop.IsCancellationRequested) Reset = true;
                 return null;
             }
             var buffer = result.Buffer;
@@ -633,6 +641,8 @@ public sealed class TestInitiator : IAsyncDisposable
         }
         catch (OperationCanceledException) { }
         catch (InvalidDataException) { }
+        if (CloseOnEndOfStream && !_stop.IsCancellationRequested && _socket is not null)
+            try { _socket.Shutdown(SocketShutdown.Send); } catch (Exception e) when (e is SocketException or ObjectDisposedException) { }
         Closed = true;
         foreach (var pending in _pending.Values)
             pending.Completion.TrySetException(new IOException("connection closed"));
@@ -761,8 +771,17 @@ public sealed class TestInitiator : IAsyncDisposable
         _stop.Cancel();
     }
 
+    /// <summary>
+    /// Closes the way initiators do: the send side first (FIN), then, once the target has ended its side too (or
+    /// after a few seconds), the socket.
+    /// </summary>
     public async ValueTask DisposeAsync()
     {
+        if (_socket is not null && _receiveLoop is not null)
+        {
+            try { _socket.Shutdown(SocketShutdown.Send); } catch (Exception e) when (e is SocketException or ObjectDisposedException) { }
+            try { await _receiveLoop.WaitAsync(TimeSpan.FromSeconds(5)); } catch { }
+        }
         _stop.Cancel();
         try { await _output.CompleteAsync(); } catch { }
         _socket?.Dispose();
