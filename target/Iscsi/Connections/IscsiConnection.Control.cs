@@ -52,7 +52,7 @@ internal sealed partial class IscsiConnection
     /// <summary>Called about once a second: pings an idle connection and drops one whose ping went unanswered.</summary>
     public void OnTimer()
     {
-        if (_state != ConnectionState.FullFeature) return;
+        if (State != ConnectionState.FullFeature) return;
         var options = _portal.Options;
         long now = Environment.TickCount64;
         if (_pingTtt != 0xFFFFFFFF)
@@ -79,7 +79,7 @@ internal sealed partial class IscsiConnection
     /// <summary>Shutdown: Async Message "logout requested" (event 1) with <paramref name="seconds"/> to comply.</summary>
     public void RequestLogout(int seconds)
     {
-        if (_state != ConnectionState.FullFeature || Session?.Type != SessionType.Normal) return;
+        if (State != ConnectionState.FullFeature || Session?.Type != SessionType.Normal) return;
         var item = new ControlPduItem(Opcode.AsyncMessage);
         HeaderWriter.U32(item.Header, 16, 0xFFFFFFFF);
         item.Header[36] = 1;

@@ -361,7 +361,7 @@ internal sealed partial class IscsiConnection
 
         var item = BuildLoginResponse(login, transit: true, csg, StageFullFeature, LoginStatus.Success, response);
         item.ChangesFraming = true;
-        _state = ConnectionState.FullFeature;
+        TryMoveState(ConnectionState.Login, ConnectionState.FullFeature);   // unless dropped meanwhile: then it closes after this PDU
         _limits = new FramingLimits(Parameters.HeaderDigest, Parameters.DataDigest, Parameters.TargetMaxRecvDataSegmentLength);
         Enqueue(item, kick: false);
         _portal.Metrics.LoginAttempt(true, "ok");

@@ -36,7 +36,7 @@ internal sealed partial class IscsiConnection
     private bool _digestsOn;   // owned by the send loop
     private uint _statSN;
     private FramingLimits _limits;
-    private volatile ConnectionState _state = ConnectionState.Login;
+    private int _stateValue = (int)ConnectionState.Login;   // a ConnectionState; moves forward only (see MarkClosing)
     private long _lastReceiveTicks = Environment.TickCount64;
     private int _closeStarted;
     private int _closeMode;   // CloseMode: who ends the connection, and how
@@ -85,8 +85,19 @@ internal sealed partial class IscsiConnection
     public IscsiSession? Session { get; private set; }
     /// <summary>Connection-scoped values plus a copy of the session-scoped ones, fixed once login completes.</summary>
     public NegotiatedParameters Parameters { get; private set; }
-    public bool IsClosed => _state >= ConnectionState.Closing;
-    internal ConnectionState State => _state;
+    /// <summary>Moves from <paramref name="from"/> to <paramref name="to"/>; false when another thread moved the state first.</summary>
+    private bool TryMoveState(ConnectionState from, ConnectionState to) =>
+        Interlocked.CompareExchange(ref _stateValue, (int)to, (int)from) == (int)from;
+
+    /// <summary>Login or full feature phase becomes Closing; a connection already closing or closed stays as it is.</summary>
+    private void MarkClosing()
+    {
+        var state = State;
+        while (state < ConnectionState.Closing && !TryMoveState(state, ConnectionState.Closing)) state = State;
+    }
+
+    public bool IsClosed => State >= ConnectionState.Closing;
+    internal ConnectionState State => (ConnectionState)Volatile.Read(ref _stateValue);
     public CancellationToken Lifetime => _lifetime.Token;
 
     // ---------------------------------------------------------------- receive side
@@ -98,14 +109,14 @@ internal sealed partial class IscsiConnection
             TimeSpan.FromSeconds(_portal.Options.LoginTimeoutSeconds), Timeout.InfiniteTimeSpan);
         try
         {
-            while (_state < ConnectionState.Closing)
+            while (State < ConnectionState.Closing)
             {
                 var result = await input.ReadAsync().ConfigureAwait(false);
                 if (result.IsCanceled) break;
                 var buffer = result.Buffer;
                 try
                 {
-                    while (_state < ConnectionState.Closing)
+                    while (State < ConnectionState.Closing)
                     {
                         var framing = PduFramer.TryFrame(buffer, _limits, out var pdu, out var fault);
                         if (framing == FrameResult.NeedMoreData) break;
@@ -118,7 +129,7 @@ internal sealed partial class IscsiConnection
                         var handled = HandlePduAsync(pdu);
                         if (!handled.IsCompletedSuccessfully) await handled.ConfigureAwait(false);
                         buffer = buffer.Slice(pdu.End);
-                        if (_state == ConnectionState.FullFeature && _loginTimerArmed)
+                        if (State == ConnectionState.FullFeature && _loginTimerArmed)
                         {
                             _loginTimerArmed = false;
                             loginTimer.Change(Timeout.Infinite, Timeout.Infinite);
@@ -134,7 +145,7 @@ internal sealed partial class IscsiConnection
                 KickSender();
                 if (result.IsCompleted)
                 {
-                    if (!buffer.IsEmpty && _state < ConnectionState.Closing)
+                    if (!buffer.IsEmpty && State < ConnectionState.Closing)
                         Log.TruncatedPdu(_log, Remote, buffer.Length);
                     break;
                 }
@@ -174,7 +185,7 @@ internal sealed partial class IscsiConnection
 
     private void OnLoginTimeout()
     {
-        if (_state == ConnectionState.Login)
+        if (State == ConnectionState.Login)
         {
             Log.LoginTimedOut(_log, Remote);
             _portal.Metrics.LoginAttempt(false, "timeout");
@@ -185,7 +196,7 @@ internal sealed partial class IscsiConnection
     private ValueTask HandlePduAsync(IncomingPdu pdu)
     {
         var opcode = pdu.Header.Opcode;
-        if (_state == ConnectionState.Login)
+        if (State == ConnectionState.Login)
         {
             if (opcode != Opcode.LoginRequest)
             {
@@ -252,7 +263,7 @@ internal sealed partial class IscsiConnection
     {
         Log.FramingError(_log, Remote, fault);
         _portal.Metrics.ProtocolError("framing");
-        if (_state == ConnectionState.FullFeature && !fault.StartsWith("header digest", StringComparison.Ordinal))
+        if (State == ConnectionState.FullFeature && !fault.StartsWith("header digest", StringComparison.Ordinal))
         {
             // The header itself is sound: tell the initiator why before closing.
             CloseAfter(BuildReject(header, RejectReason.ProtocolError), "framing error");
@@ -284,7 +295,7 @@ internal sealed partial class IscsiConnection
     /// <summary>Queues a PDU source. With <paramref name="kick"/> false the receive loop batches it with others and kicks once.</summary>
     public void Enqueue(OutboundItem item, bool kick = true)
     {
-        if (_state == ConnectionState.Closed)
+        if (State == ConnectionState.Closed)
         {
             item.OnSent(this, false);
             return;
@@ -292,7 +303,7 @@ internal sealed partial class IscsiConnection
         Interlocked.Add(ref _outboundBytes, item.QueuedBytes);
         _outbound.Enqueue(item);
         // Once no send loop can run again (closed, or retired after the final PDU), what is queued is released here.
-        if (Volatile.Read(ref _sender) == SenderRetired || _state == ConnectionState.Closed) ReleaseQueued();
+        if (Volatile.Read(ref _sender) == SenderRetired || State == ConnectionState.Closed) ReleaseQueued();
         else if (kick) KickSender();
     }
 
@@ -437,7 +448,7 @@ internal sealed partial class IscsiConnection
             return;
         }
         _closeReason = reason;
-        if (_state < ConnectionState.Closing) _state = ConnectionState.Closing;
+        MarkClosing();
         Enqueue(final);
         // Wake the receive loop when another thread closes the connection, waiting for input or for the backlog to drain.
         _transport.Input.CancelPendingRead();
@@ -452,7 +463,7 @@ internal sealed partial class IscsiConnection
     internal void Drop(byte asyncEvent, string reason)
     {
         OutboundItem final = new EndOfStreamItem();
-        if (_state == ConnectionState.FullFeature && Session?.Type == SessionType.Normal)
+        if (State == ConnectionState.FullFeature && Session?.Type == SessionType.Normal)
         {
             var notice = new ControlPduItem(Opcode.AsyncMessage);
             HeaderWriter.U32(notice.Header, 16, 0xFFFFFFFF);
@@ -473,7 +484,7 @@ internal sealed partial class IscsiConnection
     public void Abort()
     {
         if (Interlocked.Exchange(ref _closeMode, (int)CloseMode.Abortive) != (int)CloseMode.Abortive) _closeReason = "reset by the target";
-        if (_state < ConnectionState.Closing) _state = ConnectionState.Closing;
+        MarkClosing();
         _lifetime.Cancel();
         _transport.Abort();
     }
@@ -481,7 +492,7 @@ internal sealed partial class IscsiConnection
     private async Task CloseAsync()
     {
         if (Interlocked.Exchange(ref _closeStarted, 1) != 0) return;
-        if (_state < ConnectionState.Closing) _state = ConnectionState.Closing;
+        MarkClosing();
         var mode = (CloseMode)Volatile.Read(ref _closeMode);
         if (mode != CloseMode.Graceful)
         {
@@ -502,7 +513,7 @@ internal sealed partial class IscsiConnection
         string how = mode == CloseMode.None ? "by-initiator"
             : mode == CloseMode.Abortive || !finalSent || Volatile.Read(ref _closeMode) == (int)CloseMode.Abortive ? "reset"
             : peerClosed ? "graceful" : "graceful-timeout";
-        _state = ConnectionState.Closed;
+        Volatile.Write(ref _stateValue, (int)ConnectionState.Closed);
         ReleaseQueued();
         await _transport.DisposeAsync().ConfigureAwait(false);
         _portal.OnConnectionEnded(this);
