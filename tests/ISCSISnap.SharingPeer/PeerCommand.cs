@@ -31,6 +31,10 @@ public enum PeerCommand : byte
     ReceiveBytes = 11,
     /// <summary>Reply, then exit with code 0.</summary>
     Exit = 12,
+    /// <summary>Hostile: reopen region (argument) through /proc/self/fd read-write and map that writable. Value: errno, 0 if allowed.</summary>
+    ReopenWritable = 13,
+    /// <summary>Hostile: add F_SEAL_WRITE to region (argument), which would stop the owner's writes. Value: errno, 0 if allowed.</summary>
+    AddSeal = 14,
 }
 
 public static class PeerProtocol

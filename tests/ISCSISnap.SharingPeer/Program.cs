@@ -87,6 +87,12 @@ public static class Program
                 case PeerCommand.PunchHole:
                     value = SharingNative.FAllocate(link.Descriptor(argument), 0x3 /* PUNCH_HOLE | KEEP_SIZE */, 0, 4096) == 0 ? 0 : SharingNative.LastError;
                     break;
+                case PeerCommand.ReopenWritable:
+                    value = ReopenWritable(link, argument);
+                    break;
+                case PeerCommand.AddSeal:
+                    value = SharingNative.Fcntl(link.Descriptor(argument), SharingNative.F_ADD_SEALS, SharingNative.F_SEAL_WRITE) == 0 ? 0 : SharingNative.LastError;
+                    break;
                 case PeerCommand.Stats:
                     value = Directory.GetFiles("/proc/self/fd").Length;
                     payload = new byte[12];
@@ -120,6 +126,18 @@ public static class Program
         if (address == -1) return SharingNative.LastError;
         SharingNative.MUnmap(address, (nuint)length);
         return 0;
+    }
+
+    private static int ReopenWritable(PeerLink link, int index)
+    {
+        int fd = SharingNative.Open($"/proc/self/fd/{link.Descriptor(index)}", SharingNative.O_RDWR | SharingNative.O_CLOEXEC);
+        if (fd < 0) return SharingNative.LastError;
+        long length = RegionBytes(link, index);
+        nint address = SharingNative.MMap(0, (nuint)length, SharingNative.PROT_READ | SharingNative.PROT_WRITE, SharingNative.MAP_SHARED, fd, 0);
+        int result = address == SharingNative.MapFailed ? SharingNative.LastError : 0;
+        if (result == 0) SharingNative.MUnmap(address, (nuint)length);
+        SharingNative.Close(fd);
+        return result;
     }
 
     private static int ProtectWritable(PeerLink link, int index)

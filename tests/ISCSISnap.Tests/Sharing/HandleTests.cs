@@ -1,3 +1,4 @@
+using ISCSISnap.SharingPeer;
 using ISCSISnap.Storage.Sharing;
 using ISCSISnap.Tests.Fuzz;
 using Xunit;

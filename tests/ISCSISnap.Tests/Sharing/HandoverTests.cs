@@ -1,4 +1,5 @@
 using System.Net.Sockets;
+using ISCSISnap.SharingPeer;
 using ISCSISnap.Storage.Sharing;
 using ISCSISnap.Tests.Support;
 using Xunit;

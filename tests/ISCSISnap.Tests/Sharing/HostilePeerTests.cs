@@ -35,14 +35,17 @@ public sealed class HostilePeerTests
             Assert.Equal(EACCES, (await peer.SendAsync(PeerCommand.ProtectWritable, argument: (byte)fd)).Value);
             Assert.Equal(EPERM, (await peer.SendAsync(PeerCommand.WriteDescriptor, argument: (byte)fd)).Value);
             Assert.Equal(EPERM, (await peer.SendAsync(PeerCommand.PunchHole, argument: (byte)fd)).Value);
+            Assert.Equal(EPERM, (await peer.SendAsync(PeerCommand.ReopenWritable, argument: (byte)fd)).Value);
         }
         foreach (int fd in new[] { TableFd, OwnerWritesFd, PeerWritesFd, ConstantFd })
         {
             Assert.Equal(EPERM, (await peer.SendAsync(PeerCommand.Shrink, argument: (byte)fd)).Value);
             Assert.Equal(EPERM, (await peer.SendAsync(PeerCommand.Grow, argument: (byte)fd)).Value);
+            Assert.Equal(EPERM, (await peer.SendAsync(PeerCommand.AddSeal, argument: (byte)fd)).Value);
         }
         // The region the peer may write is writable to it: the refusals above are the seals, not a broken peer.
         Assert.Equal(0, (await peer.SendAsync(PeerCommand.MapWritable, argument: PeerWritesFd)).Value);
+        Assert.Equal(0, (await peer.SendAsync(PeerCommand.ReopenWritable, argument: PeerWritesFd)).Value);
 
         // Nothing the attempts did reached the owner's bytes or its handle table.
         Assert.All(link.GetRegionMemory(OwnerWrites, 0, 4096).ToArray(), b => Assert.Equal(0x11, b));
@@ -200,6 +203,7 @@ public sealed class HostilePeerTests
         // Warm up the runtime's own first-use descriptors and mappings, then count.
         await using (var warm = await LinkPair.CreateAsync(Regions)) { }
         int descriptors = ProcessResources.OpenDescriptors();
+        var targets = ProcessResources.DescriptorTargets();
         int pidfds = ProcessResources.DescriptorsTo("[pidfd]"), eventfds = ProcessResources.DescriptorsTo("[eventfd]");
         for (int i = 0; i < 200; i++)
         {
@@ -210,6 +214,7 @@ public sealed class HostilePeerTests
         Assert.Equal(0, ProcessResources.DescriptorsTo(Shared));
         Assert.Equal(0, ProcessResources.DescriptorsTo("[pidfd]") - pidfds);
         Assert.Equal(0, ProcessResources.DescriptorsTo("[eventfd]") - eventfds);
-        Assert.True(ProcessResources.OpenDescriptors() <= descriptors, $"{descriptors} descriptors before, {ProcessResources.OpenDescriptors()} after");
+        Assert.True(ProcessResources.OpenDescriptors() <= descriptors,
+            $"{descriptors} descriptors before, {ProcessResources.OpenDescriptors()} after; new: {string.Join(", ", ProcessResources.DescriptorTargets().Except(targets))}");
     }
 }
