@@ -35,6 +35,8 @@ public enum PeerCommand : byte
     ReopenWritable = 13,
     /// <summary>Hostile: add F_SEAL_WRITE to region (argument), which would stop the owner's writes. Value: errno, 0 if allowed.</summary>
     AddSeal = 14,
+    /// <summary>Only reply: the cost of a round trip with no data, for the benchmarks.</summary>
+    Ping = 15,
 }
 
 public static class PeerProtocol

@@ -99,6 +99,8 @@ public static class Program
                     BinaryPrimitives.WriteInt32LittleEndian(payload, File.ReadLines("/proc/self/maps").Count(l => l.Contains("/memfd:iscsisnap-share")));
                     BinaryPrimitives.WriteInt64LittleEndian(payload.AsSpan(4), link.TotalRefusals);
                     break;
+                case PeerCommand.Ping:
+                    break;
                 case PeerCommand.Exit:
                     await ReplyAsync(socket, 0, 0, []);
                     return 0;
