@@ -88,6 +88,11 @@ public sealed class PeerLink : SharingLink
                 if (fd >= 0) SharingNative.Close(fd);
             foreach (var region in mapped) region.Dispose();
             SharingLog.HandoverFailed(logger, owner, e.Message);
+            if (e is SharingException refusal)
+            {
+                try { await RegionHandover.SendRefusalAsync(socket, refusal.Check, timeout.Token); }
+                catch (Exception) { }   // the owner is gone or not listening: it will time out, the refusal stands
+            }
             if (e is OperationCanceledException && !cancellation.IsCancellationRequested)
                 throw new SharingException(SharingCheck.Handshake, "the acknowledgement could not be sent in time");
             throw;

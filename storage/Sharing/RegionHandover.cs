@@ -1,5 +1,6 @@
 using System.Buffers.Binary;
 using System.Net.Sockets;
+using ISCSISnap.Storage.Native;
 
 namespace ISCSISnap.Storage.Sharing;
 
@@ -11,13 +12,15 @@ namespace ISCSISnap.Storage.Sharing;
 ///        8  u32 peer id       12 u32 handle table slots
 ///       16  n + 1 entries of 16 bytes, the table first: u64 length, u8 peer access, 7 reserved
 /// </code>
-/// The peer answers with u32 "ISHA" and the peer id once it has checked and mapped every region. All integers are
+/// The peer answers with u32 "ISHA" and the peer id once it has checked and mapped every region, or with u32 "ISHN"
+/// and the <see cref="SharingCheck"/> that made it refuse them (then closes nothing: the socket is its caller's). All integers are
 /// little-endian. Threading: one hand-over per socket, before anything else is sent on it.
 /// </summary>
 internal static class RegionHandover
 {
     public const uint OfferMagic = 0x4D485349;   // "ISHM"
     public const uint AckMagic = 0x41485349;     // "ISHA"
+    public const uint RefusalMagic = 0x4E485349; // "ISHN"
     public const ushort Version = 1;
     public const int MaxRegions = 64;
     private const int HeaderBytes = 16, EntryBytes = 16, AckBytes = 8;
@@ -68,7 +71,7 @@ internal static class RegionHandover
 
         fixed (byte* data = message)
         {
-            var iov = new SharingNative.IoVec { Base = data, Length = (nuint)message.Length };
+            var iov = new LinuxFile.IoVec { Base = data, Length = (nuint)message.Length };
             var msg = new SharingNative.MsgHdr { Iov = &iov, IovLength = 1, Control = control, ControlLength = (nuint)controlBytes };
             return Transfer(SharingNative.SendMsg((int)socket.Handle, &msg, SharingNative.MSG_DONTWAIT | SharingNative.MSG_NOSIGNAL), "sendmsg");
         }
@@ -78,7 +81,7 @@ internal static class RegionHandover
     {
         fixed (byte* bytes = data)
         {
-            var iov = new SharingNative.IoVec { Base = bytes, Length = (nuint)data.Length };
+            var iov = new LinuxFile.IoVec { Base = bytes, Length = (nuint)data.Length };
             var msg = new SharingNative.MsgHdr { Iov = &iov, IovLength = 1 };
             return Transfer(SharingNative.SendMsg((int)socket.Handle, &msg, SharingNative.MSG_DONTWAIT | SharingNative.MSG_NOSIGNAL), "sendmsg");
         }
@@ -148,7 +151,7 @@ internal static class RegionHandover
         byte* control = stackalloc byte[controlBytes];
         fixed (byte* data = buffer)
         {
-            var iov = new SharingNative.IoVec { Base = data, Length = (nuint)buffer.Length };
+            var iov = new LinuxFile.IoVec { Base = data, Length = (nuint)buffer.Length };
             var msg = new SharingNative.MsgHdr { Iov = &iov, IovLength = 1, Control = control, ControlLength = (nuint)controlBytes };
             nint result = SharingNative.RecvMsg((int)socket.Handle, &msg, SharingNative.MSG_DONTWAIT | SharingNative.MSG_CMSG_CLOEXEC);
             if (result > 0)
@@ -178,14 +181,19 @@ internal static class RegionHandover
         return next + SharingNative.CmsgHeaderSize > control + (long)controlLength ? null : (SharingNative.CmsgHdr*)next;
     }
 
-    public static async Task SendAckAsync(Socket socket, uint peer, CancellationToken cancellation)
+    public static Task SendAckAsync(Socket socket, uint peer, CancellationToken cancellation) => SendAnswerAsync(socket, AckMagic, peer, cancellation);
+
+    /// <summary>Tells the owner why its regions were refused, so it fails at once rather than at its timeout.</summary>
+    public static Task SendRefusalAsync(Socket socket, SharingCheck check, CancellationToken cancellation) => SendAnswerAsync(socket, RefusalMagic, (uint)check, cancellation);
+
+    private static async Task SendAnswerAsync(Socket socket, uint magic, uint value, CancellationToken cancellation)
     {
-        byte[] ack = new byte[AckBytes];
-        BinaryPrimitives.WriteUInt32LittleEndian(ack, AckMagic);
-        BinaryPrimitives.WriteUInt32LittleEndian(ack.AsSpan(4), peer);
+        byte[] answer = new byte[AckBytes];
+        BinaryPrimitives.WriteUInt32LittleEndian(answer, magic);
+        BinaryPrimitives.WriteUInt32LittleEndian(answer.AsSpan(4), value);
         int sent = 0;
-        while (sent < ack.Length)
-            sent += await socket.SendAsync(ack.AsMemory(sent), SocketFlags.None, cancellation);
+        while (sent < answer.Length)
+            sent += await socket.SendAsync(answer.AsMemory(sent), SocketFlags.None, cancellation);
     }
 
     public static async Task ReceiveAckAsync(Socket socket, uint peer, CancellationToken cancellation)
@@ -198,6 +206,8 @@ internal static class RegionHandover
             if (read == 0) throw new SharingException(SharingCheck.Handshake, "the peer closed the socket instead of acknowledging the regions (it refused them)");
             received += read;
         }
+        if (BinaryPrimitives.ReadUInt32LittleEndian(ack) == RefusalMagic)
+            throw new SharingException(SharingCheck.Handshake, $"the peer refused the regions: its {(SharingCheck)BinaryPrimitives.ReadUInt32LittleEndian(ack.AsSpan(4))} check failed");
         if (BinaryPrimitives.ReadUInt32LittleEndian(ack) != AckMagic || BinaryPrimitives.ReadUInt32LittleEndian(ack.AsSpan(4)) != peer)
             throw new SharingException(SharingCheck.Handshake, "the peer's acknowledgement of the regions is malformed");
     }

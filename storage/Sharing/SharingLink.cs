@@ -30,7 +30,7 @@ public sealed record SharingLinkOptions
 /// <see cref="TryResolve(SharedHandle, HandleRights, long, int, out Span{byte}, out SharingCheck)"/>, which checks the
 /// handle against the table. Threading: resolving is thread-safe; see the subclasses for the rest.
 /// </summary>
-public abstract unsafe class SharingLink : IDisposable
+public abstract class SharingLink : IDisposable
 {
     private readonly SharedRegion[] _regions;
     private readonly SharedRegion _tableRegion;
@@ -85,53 +85,47 @@ public abstract unsafe class SharingLink : IDisposable
     /// it). The memory is valid while the handle is; the owner must not revoke a handle whose memory is in use.
     /// </summary>
     public bool TryResolve(SharedHandle handle, HandleRights rights, long offset, int length, out Span<byte> memory, out SharingCheck refusal)
-    {
-        byte* pointer = null;
-        int resolved = 0;
-        refusal = Closed ? SharingCheck.Closed : Table.Check(handle, rights, offset, length, out pointer, out resolved);
-        if (refusal == SharingCheck.None)
-        {
-            memory = new Span<byte>(pointer, resolved);
-            return true;
-        }
-        memory = default;
-        Refused(refusal, handle);
-        return false;
-    }
+        => length >= 0 ? TryResolveCore(handle, rights, offset, length, out memory, out refusal) : Refuse(SharingCheck.Range, handle, out memory, out refusal);
 
     /// <summary>The whole range of a handle; see <see cref="TryResolve(SharedHandle, HandleRights, long, int, out Span{byte}, out SharingCheck)"/>.</summary>
     public bool TryResolve(SharedHandle handle, HandleRights rights, out Span<byte> memory, out SharingCheck refusal)
+        => TryResolveCore(handle, rights, 0, -1, out memory, out refusal);
+
+    /// <summary>A negative <paramref name="length"/> means to the end of the handle's range.</summary>
+    private unsafe bool TryResolveCore(SharedHandle handle, HandleRights rights, long offset, long length, out Span<byte> memory, out SharingCheck refusal)
     {
-        byte* pointer = null;
-        int resolved = 0;
-        refusal = Closed ? SharingCheck.Closed : Table.Check(handle, rights, 0, -1, out pointer, out resolved);
-        if (refusal == SharingCheck.None)
-        {
-            memory = new Span<byte>(pointer, resolved);
-            return true;
-        }
+        if (Closed) return Refuse(SharingCheck.Closed, handle, out memory, out refusal);
+        var check = Table.Check(handle, rights, offset, length, out byte* pointer, out int resolved);
+        if (check != SharingCheck.None) return Refuse(check, handle, out memory, out refusal);
+        memory = new Span<byte>(pointer, resolved);
+        refusal = SharingCheck.None;
+        return true;
+    }
+
+    private bool Refuse(SharingCheck check, SharedHandle handle, out Span<byte> memory, out SharingCheck refusal)
+    {
         memory = default;
-        Refused(refusal, handle);
+        refusal = check;
+        Refused(check, handle);
         return false;
     }
 
     /// <summary>As <see cref="TryResolve(SharedHandle, HandleRights, long, int, out Span{byte}, out SharingCheck)"/>, throwing <see cref="SharingException"/> on refusal.</summary>
     public Span<byte> Resolve(SharedHandle handle, HandleRights rights, long offset, int length)
     {
-        if (!TryResolve(handle, rights, offset, length, out var memory, out var refusal)) throw Refusal(refusal, handle, rights, offset, length);
+        if (!TryResolve(handle, rights, offset, length, out var memory, out var refusal)) throw Refusal(refusal, handle, rights, $"{length} bytes at {offset}");
         return memory;
     }
 
     /// <summary>The whole range of a handle, throwing <see cref="SharingException"/> on refusal.</summary>
     public Span<byte> Resolve(SharedHandle handle, HandleRights rights)
     {
-        if (!TryResolve(handle, rights, out var memory, out var refusal)) throw Refusal(refusal, handle, rights, 0, -1);
+        if (!TryResolve(handle, rights, out var memory, out var refusal)) throw Refusal(refusal, handle, rights, "its whole range");
         return memory;
     }
 
-    private protected static SharingException Refusal(SharingCheck check, SharedHandle handle, HandleRights rights, long offset, int length)
+    private static SharingException Refusal(SharingCheck check, SharedHandle handle, HandleRights rights, string range)
     {
-        string range = length < 0 ? "its whole range" : $"{length} bytes at {offset}";
         string why = check switch
         {
             SharingCheck.Range => "reaches outside the handle's range",
@@ -174,7 +168,7 @@ public abstract unsafe class SharingLink : IDisposable
     }
 
     /// <summary>Owner: the region's own bytes, unchecked (they are its memory).</summary>
-    private protected Span<byte> RegionSpan(int region, long offset, int length)
+    private protected unsafe Span<byte> RegionSpan(int region, long offset, int length)
     {
         var target = _regions[region];
         if ((ulong)offset > (ulong)target.Length || (ulong)length > (ulong)(target.Length - offset))

@@ -1,4 +1,5 @@
 using System.Runtime.InteropServices;
+using ISCSISnap.Storage.Native;
 
 namespace ISCSISnap.Storage.Sharing;
 
@@ -26,18 +27,11 @@ internal static unsafe partial class SharingNative
     public const int SEEK_END = 2;
 
     [StructLayout(LayoutKind.Sequential)]
-    public struct IoVec
-    {
-        public void* Base;
-        public nuint Length;
-    }
-
-    [StructLayout(LayoutKind.Sequential)]
     public struct MsgHdr
     {
         public void* Name;
         public uint NameLength;
-        public IoVec* Iov;
+        public LinuxFile.IoVec* Iov;
         public nuint IovLength;
         public void* Control;
         public nuint ControlLength;

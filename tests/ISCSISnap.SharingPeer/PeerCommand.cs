@@ -2,7 +2,8 @@ namespace ISCSISnap.SharingPeer;
 
 /// <summary>
 /// What the owner asks the peer process to do. A command is <see cref="PeerProtocol.CommandBytes"/> bytes:
-/// u8 command, 16-byte handle, u8 rights, i64 offset, i32 length, u8 argument (a region index or fill byte).
+/// u8 command, 16-byte handle, u8 rights, i64 offset, i32 length (-1 at offset 0: the whole range), u8 argument
+/// (a region index or fill byte).
 /// The reply is u8 status, i32 value, i32 payload length, then the payload.
 /// </summary>
 public enum PeerCommand : byte

@@ -55,11 +55,11 @@ public static class Program
             switch (op)
             {
                 case PeerCommand.Read:
-                    if (link.TryResolve(handle, rights, offset, length, out var readable, out var readRefusal)) payload = readable.ToArray();
+                    if (Resolve(link, handle, rights, offset, length, out var readable, out var readRefusal)) payload = readable.ToArray();
                     status = (byte)readRefusal;
                     break;
                 case PeerCommand.Write:
-                    if (link.TryResolve(handle, rights, offset, length, out var writable, out var writeRefusal)) writable.Fill(argument);
+                    if (Resolve(link, handle, rights, offset, length, out var writable, out var writeRefusal)) writable.Fill(argument);
                     status = (byte)writeRefusal;
                     break;
                 case PeerCommand.CopyOut:
@@ -111,6 +111,12 @@ public static class Program
             await ReplyAsync(socket, status, value, payload);
         }
     }
+
+    /// <summary>A negative length in a command asks for the handle's whole range.</summary>
+    private static bool Resolve(PeerLink link, SharedHandle handle, HandleRights rights, long offset, int length, out Span<byte> memory, out SharingCheck refusal)
+        => length < 0 && offset == 0
+            ? link.TryResolve(handle, rights, out memory, out refusal)
+            : link.TryResolve(handle, rights, offset, length, out memory, out refusal);
 
     /// <summary>Region index 0 is the handle table; 1..n are the link's regions.</summary>
     private static long RegionBytes(PeerLink link, int index) => index == 0 ? SharingNative.LSeek(link.Descriptor(0), 0, 2) : link.RegionLength(index - 1);

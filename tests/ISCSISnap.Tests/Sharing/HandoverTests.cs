@@ -31,6 +31,10 @@ public sealed class HandoverTests
                 [table.Descriptor, unsealed], default);
             var refused = await Assert.ThrowsAsync<SharingException>(() => accepting);
             Assert.Equal(SharingCheck.Seals, refused.Check);
+            // The owner hears why at once, not at its hand-over timeout.
+            var told = await Assert.ThrowsAsync<SharingException>(() => RegionHandover.ReceiveAckAsync(ownerSocket, 1, default).WaitAsync(TimeSpan.FromSeconds(30)));
+            Assert.Equal(SharingCheck.Handshake, told.Check);
+            Assert.Contains("Seals check failed", told.Message);
             Assert.Equal(1, ProcessResources.DescriptorsTo("memfd:handover-unsealed"));   // the sender's own, only
             Assert.Equal(1, ProcessResources.DescriptorsTo("memfd:handover-table"));
             Assert.Equal(0, ProcessResources.Mappings("memfd:handover-unsealed"));
